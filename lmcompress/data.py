@@ -1,0 +1,118 @@
+"""The common data flags of train.py, distiller.py and evaluate.py, and fixed-size blocks for training.
+
+Data comes from ``--dataset_dir`` (a tokenize_datasets.py folder), from raw text files (tokenized on first
+use into a cache keyed by the files' contents and the tokenizer) or from a hub dataset (likewise cached).
+Every token folder records its tokenizer; a model whose tokenizer differs is refused.
+"""
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UserError
+from .tokenfiles import open_split, read_meta
+from .tokenization import TextSources, job_key, describe_sources, tokenize_to_folder
+from .vocab import tokenizer_fingerprint, tokenizer_record
+
+
+@dataclasses.dataclass
+class DataArguments:
+    dataset_dir: str = dataclasses.field(default=None, metadata={"help": "token folder from tokenize_datasets.py"})
+    train_file: str = dataclasses.field(default=None, metadata={"help": "raw text for training"})
+    validation_file: str = dataclasses.field(default=None, metadata={"help": "raw text for validation"})
+    test_file: str = dataclasses.field(default=None, metadata={"help": "raw text for testing"})
+    dataset_name: str = dataclasses.field(default=None, metadata={"help": "hub dataset, e.g. wikitext"})
+    dataset_config_name: str = dataclasses.field(default=None, metadata={"help": "e.g. wikitext-103-raw-v1"})
+    validation_split_percentage: float = dataclasses.field(
+        default=5.0, metadata={"help": "percent of train used for validation when no validation data is given"})
+    block_size: int = dataclasses.field(default=None, metadata={"help": "tokens per block (default: min(1024, n_positions))"})
+    preprocessing_num_workers: int = dataclasses.field(default=1, metadata={"help": "tokenizer processes for raw text"})
+
+    def has_data(self):
+        return bool(self.dataset_dir or self.train_file or self.validation_file or self.test_file or self.dataset_name)
+
+
+def cache_root():
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lmcompress" / "tokens"
+    return Path(os.environ.get("LMCOMPRESS_CACHE", default))
+
+
+def resolve_token_folder(data_args, tokenizer, tokenizer_name, main_process_first):
+    """The token folder for the data flags, tokenizing raw text into the cache if needed (main process first)."""
+    if not data_args.has_data():
+        raise UserError("no data: give --dataset_dir, --train_file/--validation_file/--test_file or --dataset_name")
+    if data_args.dataset_dir:
+        if data_args.train_file or data_args.validation_file or data_args.test_file or data_args.dataset_name:
+            raise UserError("--dataset_dir excludes --train_file/--validation_file/--test_file/--dataset_name")
+        meta = read_meta(data_args.dataset_dir)
+        check_tokenizer(meta, tokenizer, f"--dataset_dir {data_args.dataset_dir}")
+        return Path(data_args.dataset_dir)
+    files = {split: [path] for split, path in
+             (("train", data_args.train_file), ("validation", data_args.validation_file),
+              ("test", data_args.test_file)) if path}
+    sources = TextSources(files=files, dataset_name=data_args.dataset_name,
+                          dataset_config_name=data_args.dataset_config_name,
+                          validation_split_percentage=data_args.validation_split_percentage if "train" in files or
+                          data_args.dataset_name else 0)
+    key = job_key(sources, describe_sources(sources), tokenizer_record(tokenizer, tokenizer_name))
+    folder = cache_root() / key[:24]
+    with main_process_first():
+        tokenize_to_folder(sources, tokenizer, tokenizer_name, folder, num_proc=data_args.preprocessing_num_workers)
+    return folder
+
+
+def check_tokenizer(meta, tokenizer, what):
+    made_with = meta["tokenizer"]
+    if made_with["fingerprint"] != tokenizer_fingerprint(tokenizer):
+        raise UserError(
+            f"{what} was tokenized with {made_with['name_or_path']} (vocabulary {made_with['vocab_size']}, "
+            f"fingerprint {made_with['fingerprint']}), not with this model's tokenizer (vocabulary {len(tokenizer)}, "
+            f"fingerprint {tokenizer_fingerprint(tokenizer)}): re-tokenize with the model's tokenizer")
+
+
+def check_vocabulary(meta, model_config, what):
+    if meta["tokenizer"]["vocab_size"] > model_config.vocab_size:
+        raise UserError(f"{what}: its tokenizer has {meta['tokenizer']['vocab_size']} tokens but the model's vocabulary "
+                        f"is {model_config.vocab_size}: use the model's tokenizer")
+
+
+def choose_block_size(requested, n_positions, flag="--block_size"):
+    if requested is None:
+        return min(1024, n_positions)
+    if requested < 2:
+        raise UserError(f"{flag} {requested}: must be at least 2")
+    if requested > n_positions:
+        raise UserError(f"{flag} {requested} is larger than the model's {n_positions} positions: use {flag} {n_positions} "
+                        "or less")
+    return requested
+
+
+class BlockDataset(torch.utils.data.Dataset):
+    """Consecutive, non-overlapping ``block_size`` blocks of a token file; the remainder is left out.
+
+    The file is memory-mapped lazily, so the dataset pickles cheaply into DataLoader workers.
+    """
+
+    def __init__(self, folder, split, block_size):
+        self.folder, self.split, self.block_size = Path(folder), split, block_size
+        n_tokens = len(open_split(self.folder, split))
+        if n_tokens < block_size:
+            raise UserError(f"{self.folder}/{split}.bin holds {n_tokens} tokens, fewer than one block of {block_size}: "
+                            "give more text or a smaller --block_size")
+        self.n_blocks = n_tokens // block_size
+        self._tokens = None
+
+    def __len__(self):
+        return self.n_blocks
+
+    def __getitem__(self, index):
+        if self._tokens is None:
+            self._tokens = open_split(self.folder, self.split)
+        start = index * self.block_size
+        block = torch.from_numpy(np.asarray(self._tokens[start:start + self.block_size], dtype=np.int64))
+        return {"input_ids": block, "labels": block}
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tokens": None}

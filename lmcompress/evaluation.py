@@ -1,0 +1,108 @@
+"""evaluate.py: perplexity of a causal LM on one split, batched, with the windows split across ranks."""
+import dataclasses
+import os
+import time
+
+import torch
+
+from .data import DataArguments, check_vocabulary, choose_block_size, resolve_token_folder
+from .errors import UserError, entry_point
+from .jsonio import write_json
+from .models import load_causal_lm, load_config, n_positions
+from .perplexity import perplexity_from, reduce_sums, stream_nll, word_perplexity
+from .tokenfiles import open_split, read_meta
+from .training import parse_training_args
+from .vocab import load_tokenizer
+
+
+@dataclasses.dataclass
+class EvaluationArguments:
+    model_name_or_path: str = dataclasses.field(default=None, metadata={"help": "hub name or model folder"})
+    tokenizer_name: str = dataclasses.field(default=None, metadata={"help": "tokenizer (default: the model's)"})
+    split: str = dataclasses.field(default="test", metadata={"help": "train, validation or test"})
+    stride: int = dataclasses.field(default=None, metadata={"help": "window step (default: block size, no overlap)"})
+    per_device_eval_batch_size: int = dataclasses.field(default=8, metadata={"help": "windows per forward pass"})
+    fp16: bool = dataclasses.field(default=False, metadata={"help": "float16 autocast (CUDA)"})
+    bf16: bool = dataclasses.field(default=False, metadata={"help": "bfloat16 autocast"})
+    deepspeed: str = dataclasses.field(default=None, metadata={"help": "DeepSpeed config JSON (ZeRO inference)"})
+    output_file: str = dataclasses.field(default=None, metadata={"help": "JSON result (default: MODEL/perplexity.json)"})
+    local_rank: int = dataclasses.field(default=-1, metadata={"help": "legacy torch.distributed.launch flag"})
+
+
+def init_distributed():
+    """Rank, world size and device from the launcher's environment (torchrun, deepspeed, torch.distributed.launch)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = torch.distributed.get_rank() if world_size > 1 else 0
+    return rank, world_size, device
+
+
+def precision_dtype(args, device):
+    if args.fp16 and args.bf16:
+        raise UserError("give --fp16 or --bf16, not both")
+    if args.fp16 and device.type != "cuda":
+        raise UserError("--fp16 needs a CUDA GPU; on CPU use --bf16 or full precision")
+    return torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
+
+
+def main_process_first_factory(rank, world_size):
+    import contextlib
+
+    @contextlib.contextmanager
+    def main_process_first():
+        if world_size > 1 and rank != 0:
+            torch.distributed.barrier()
+        yield
+        if world_size > 1 and rank == 0:
+            torch.distributed.barrier()
+
+    return main_process_first
+
+
+@entry_point
+def main(argv=None):
+    args, data_args = parse_training_args((EvaluationArguments, DataArguments), "evaluate.py", argv)
+    if not args.model_name_or_path:
+        raise UserError("--model_name_or_path is required")
+    rank, world_size, device = init_distributed()
+    dtype = precision_dtype(args, device)
+    tokenizer_name = args.tokenizer_name or args.model_name_or_path
+    tokenizer = load_tokenizer(tokenizer_name, "--tokenizer_name" if args.tokenizer_name else "--model_name_or_path")
+    config = load_config(None, args.model_name_or_path)
+    block_size = choose_block_size(data_args.block_size, n_positions(config))
+    stride = block_size if args.stride is None else args.stride
+    folder = resolve_token_folder(data_args, tokenizer, tokenizer_name, main_process_first_factory(rank, world_size))
+    meta = read_meta(folder)
+    check_vocabulary(meta, config, str(folder))
+    tokens = open_split(folder, args.split, "--split")
+    if len(tokens) < 2:
+        raise UserError(f"{folder}/{args.split}.bin: fewer than two tokens, nothing to score")
+    model = load_causal_lm(config, args.model_name_or_path).to(device)
+
+    start = time.time()
+    nll_sum, n_scored = stream_nll(model, tokens, block_size, stride, args.per_device_eval_batch_size, device, dtype,
+                                   rank=rank, world_size=world_size, progress=rank == 0)
+    nll_sum, n_scored = reduce_sums(nll_sum, n_scored, device)
+    runtime = time.time() - start
+    loss, perplexity = perplexity_from(nll_sum, n_scored)
+    split_meta = meta["splits"][args.split]
+    result = {
+        "perplexity": perplexity, "loss": loss, "n_tokens": n_scored, "block_size": block_size, "stride": stride,
+        "model": args.model_name_or_path, "data": str(folder), "split": args.split,
+        "word_perplexity": word_perplexity(loss, split_meta["n_tokens"], split_meta.get("n_words")),
+        "n_words": split_meta.get("n_words"), "precision": str(dtype or torch.float32).replace("torch.", ""),
+        "world_size": world_size, "runtime_seconds": round(runtime, 3),
+        "tokens_per_second": round(n_scored / max(runtime, 1e-9), 1),
+    }
+    if rank == 0:
+        output_file = args.output_file or os.path.join(args.model_name_or_path, "perplexity.json")
+        write_json(output_file, result)
+        word = f"  word perplexity {result['word_perplexity']:.2f}" if result["word_perplexity"] else ""
+        print(f"perplexity {perplexity:.3f}  loss {loss:.5f}  over {n_scored:,} tokens{word}  → {output_file}")
+    if world_size > 1:
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,63 @@
+"""Loading configs, models and their tokenizers with clear errors."""
+import json
+import os
+
+from .errors import UserError
+from .vocab import first_line
+
+
+def n_positions(config):
+    for name in ("n_positions", "max_position_embeddings"):
+        if getattr(config, name, None):
+            return getattr(config, name)
+    raise UserError(f"the model config ({config.model_type}) states no number of positions")
+
+
+def load_config(config_name=None, model_name_or_path=None, config_flag="--config_name", model_flag="--model_name_or_path"):
+    """A config from a JSON file or folder (``config_flag``) or from the model itself (``model_flag``)."""
+    from transformers import AutoConfig
+
+    if config_name:
+        if config_name.endswith(".json"):
+            if not os.path.isfile(config_name):
+                raise UserError(f"{config_flag} {config_name}: no such file")
+            try:
+                values = json.loads(open(config_name, encoding="utf-8").read())
+            except json.JSONDecodeError as err:
+                raise UserError(f"{config_flag} {config_name}: not valid JSON ({err})") from err
+            if "model_type" not in values:
+                raise UserError(f"{config_flag} {config_name}: no \"model_type\" (e.g. \"gpt2\")")
+            try:
+                return AutoConfig.for_model(**values)
+            except (ValueError, KeyError, TypeError) as err:
+                raise UserError(f"{config_flag} {config_name}: {first_line(err)}") from err
+        return _from_pretrained(AutoConfig, config_name, config_flag)
+    if model_name_or_path:
+        return _from_pretrained(AutoConfig, model_name_or_path, model_flag)
+    raise UserError(f"give {model_flag} (a hub name or folder) or {config_flag} (a config JSON)")
+
+
+def _from_pretrained(cls, name_or_path, flag, **kwargs):
+    looks_local = os.path.isabs(name_or_path) or name_or_path.startswith(".") or os.path.exists(name_or_path)
+    if looks_local and not os.path.isdir(name_or_path):
+        raise UserError(f"{flag} {name_or_path}: no such folder")
+    try:
+        return cls.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        offline = " (offline: give a local folder)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise UserError(f"{flag} {name_or_path}: cannot load{offline}: {first_line(err)}") from err
+
+
+def load_causal_lm(config, model_name_or_path=None, flag="--model_name_or_path"):
+    """Weights from ``model_name_or_path`` when given, else a random initialisation from ``config``."""
+    from transformers import AutoModelForCausalLM
+
+    if model_name_or_path:
+        return _from_pretrained(AutoModelForCausalLM, model_name_or_path, flag, config=config)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def is_trained_model_folder(path):
+    names = set(os.listdir(path)) if os.path.isdir(path) else set()
+    weights = {"model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"}
+    return ("config.json" in names and bool(weights & names)) or any(name.startswith("checkpoint-") for name in names)

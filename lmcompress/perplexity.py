@@ -1,0 +1,117 @@
+"""Perplexity of a causal LM over a token stream, with a stride.
+
+Windows of ``block_size`` tokens start every ``stride`` tokens. Each token after the first is scored exactly
+once, in the first window that covers it beyond the tokens already scored, so it sees the longest context
+the stride allows. ``stride == block_size`` gives non-overlapping blocks whose first token is not scored
+(HuggingFace ``run_clm.py`` and the paper); a smaller stride is the sliding window of HuggingFace's
+perplexity guide. The loss is token-weighted: total NLL over all scored tokens / their number.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+
+IGNORE_INDEX = -100
+LOGIT_CHUNK = 4096
+
+
+def window_spans(n_tokens, block_size, stride):
+    """``(begin, end, first_scored)`` per window: tokens ``[begin, end)`` go in, ``[first_scored, end)`` count."""
+    if not 0 < stride <= block_size:
+        raise UserError(f"--stride {stride}: must be between 1 and the block size ({block_size})")
+    spans, begin, previous_end = [], 0, 0
+    while True:
+        end = min(begin + block_size, n_tokens)
+        first_scored = max(previous_end, begin + 1)
+        if end > first_scored:
+            spans.append((begin, end, first_scored))
+        previous_end = end
+        if end >= n_tokens:
+            return spans
+        begin += stride
+
+
+def make_batch(tokens, spans, pad_id=0):
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (IGNORE_INDEX where not scored)."""
+    length = max(end - begin for begin, end, _ in spans)
+    input_ids = torch.full((len(spans), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(spans), length), dtype=torch.long)
+    labels = torch.full((len(spans), length), IGNORE_INDEX, dtype=torch.long)
+    for row, (begin, end, first_scored) in enumerate(spans):
+        window = torch.from_numpy(np.asarray(tokens[begin:end], dtype=np.int64))
+        input_ids[row, : end - begin] = window
+        attention_mask[row, : end - begin] = 1
+        labels[row, first_scored - begin : end - begin] = window[first_scored - begin :]
+    return input_ids, attention_mask, labels
+
+
+def summed_nll_from_hidden(hidden, output_head, labels, chunk=LOGIT_CHUNK):
+    """Sum of next-token NLL over positions whose label is set, projecting ``chunk`` positions at a time.
+
+    Only scored positions go through the output head, and logits are upcast to float32 per chunk, so no
+    full-vocabulary tensor for the whole batch is ever materialised.
+    """
+    targets = labels[:, 1:]
+    scored = targets != IGNORE_INDEX
+    states, targets = hidden[:, :-1][scored], targets[scored]
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    for start in range(0, targets.numel(), chunk):
+        logits = output_head(states[start : start + chunk]).float()
+        total += F.cross_entropy(logits, targets[start : start + chunk], reduction="sum").double()
+    return total, int(scored.sum())
+
+
+def summed_nll(model, input_ids, attention_mask, labels):
+    base = model.base_model
+    head = model.get_output_embeddings()
+    if base is model or head is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return summed_nll_from_hidden(logits, torch.nn.Identity(), labels)
+    hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return summed_nll_from_hidden(hidden, head, labels)
+
+
+def perplexity_from(nll_sum, n_scored):
+    loss = nll_sum / n_scored
+    return loss, math.exp(loss) if loss < 700 else float("inf")
+
+
+@torch.no_grad()
+def stream_nll(model, tokens, block_size, stride, batch_size, device, autocast_dtype=None, rank=0, world_size=1,
+               progress=False):
+    """Sum of NLL and number of scored tokens for this rank's share of the windows (window i → rank i % world)."""
+    from tqdm.auto import tqdm
+
+    spans = window_spans(len(tokens), block_size, stride)[rank::world_size]
+    was_training = model.training
+    model.eval()
+    nll_sum, n_scored = 0.0, 0
+    batches = range(0, len(spans), batch_size)
+    for start in tqdm(batches, desc="perplexity", disable=not progress or None):
+        input_ids, attention_mask, labels = (t.to(device, non_blocking=True)
+                                             for t in make_batch(tokens, spans[start : start + batch_size]))
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            batch_sum, batch_count = summed_nll(model, input_ids, attention_mask, labels)
+        nll_sum += batch_sum
+        n_scored += batch_count
+    model.train(was_training)
+    return torch.as_tensor(nll_sum, dtype=torch.float64).item(), n_scored
+
+
+def reduce_sums(nll_sum, n_scored, device):
+    """Add the per-rank sums across processes (no-op without torch.distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return nll_sum, n_scored
+    sums = torch.tensor([nll_sum, float(n_scored)], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(sums)
+    return sums[0].item(), int(sums[1].item())
+
+
+def word_perplexity(loss, n_tokens, n_words):
+    """exp(total NLL / words), the NLL of the whole text estimated as ``loss`` per token."""
+    if not n_words:
+        return None
+    return math.exp(min(loss * n_tokens / n_words, 700))

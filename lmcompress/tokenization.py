@@ -1,0 +1,374 @@
+"""Raw text → token folders, streaming: memory stays bounded whatever the size of the input.
+
+Text is read in pieces of about ``PIECE_CHARS`` characters, cut only where a byte-level BPE pre-tokenizer
+(GPT-2's) would put a token boundary anyway: just before a single space or newline that stands between two
+non-space characters. Tokenizing piece by piece therefore gives the same ids as tokenizing the whole text,
+and decoding a split gives back its text byte for byte. Documents (a local file, a hub record) are each
+followed by the end-of-text token. Pieces are encoded in batches, in worker processes with ``num_proc`` > 1.
+"""
+import codecs
+import dataclasses
+import hashlib
+import multiprocessing
+import os
+import re
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .cleaning import CleaningOptions, LineCleaner
+from .errors import UserError, require_file
+from .tokenfiles import FORMAT_VERSION, SplitWriter, StagedFolder, read_meta, split_path, token_dtype, write_meta
+from .vocab import first_line, tokenizer_record
+
+PIECE_CHARS = 1 << 18
+READ_BYTES = 1 << 20
+BATCH_CHARS = 1 << 21
+SAFE_CUT = re.compile(r"(?<=\S)[ \n](?=\S)")
+SPLITS = ("train", "validation", "test")
+
+
+@dataclasses.dataclass
+class TextSources:
+    """What to tokenize: local files per split, or a hub dataset."""
+
+    files: dict = dataclasses.field(default_factory=dict)  # split -> [paths]
+    dataset_name: str = None
+    dataset_config_name: str = None
+    validation_split_percentage: float = 5.0
+    clean: bool = False
+    cleaning: CleaningOptions = CleaningOptions()
+
+    def describe(self):
+        if self.dataset_name:
+            return f"{self.dataset_name}/{self.dataset_config_name}" if self.dataset_config_name else self.dataset_name
+        return ", ".join(str(path) for paths in self.files.values() for path in paths)
+
+
+# ---------------------------------------------------------------------------------------------- cutting text
+
+
+def safe_cut(text, target):
+    """The last safe cut position at or before ``target`` (else the first after it, else ``len(text)``)."""
+    for lo in (max(0, target - 4096), 0):
+        last = None
+        for match in SAFE_CUT.finditer(text, lo, target + 1):
+            last = match.start()
+        if last:
+            return last
+    match = SAFE_CUT.search(text, target)
+    return match.start() if match else len(text)
+
+
+def pieces(chunks, piece_chars=PIECE_CHARS):
+    """Re-cut a stream of text chunks into pieces of about ``piece_chars`` at safe cut positions.
+
+    A run of more than ``4 * piece_chars`` characters with no safe position (no spaces at all) is cut
+    anyway: the text still decodes exactly, and only the tokens at that cut may differ.
+    """
+    pending = ""
+    for chunk in chunks:
+        pending += chunk
+        while len(pending) >= 2 * piece_chars:
+            cut = safe_cut(pending, piece_chars)
+            if cut >= len(pending):
+                if len(pending) < 4 * piece_chars:
+                    break
+                cut = piece_chars
+            yield pending[:cut]
+            pending = pending[cut:]
+    while pending:
+        cut = safe_cut(pending, piece_chars) if len(pending) > piece_chars else len(pending)
+        yield pending[:cut]
+        pending = pending[cut:]
+
+
+def read_text_file(path, flag):
+    """Decode a UTF-8 file in chunks, refusing binary or non-UTF-8 content with a clear error."""
+    require_file(path, flag)
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    offset = 0
+    with open(path, "rb") as handle:
+        while True:
+            raw = handle.read(READ_BYTES)
+            try:
+                text = decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as err:
+                raise UserError(f"{flag} {path}: not UTF-8 text (invalid byte at offset {offset + err.start}); "
+                                "convert it, e.g. iconv -f latin1 -t utf-8") from err
+            if "\x00" in text:
+                raise UserError(f"{flag} {path}: looks binary (NUL byte near offset {offset}); give a text file")
+            if text:
+                yield text
+            if not raw:
+                return
+            offset += len(raw)
+
+
+def lines_of(chunks):
+    """Split a chunk stream into lines that keep their line endings."""
+    pending = ""
+    for chunk in chunks:
+        pending += chunk
+        lines = pending.splitlines(keepends=True)
+        pending = lines.pop() if lines and not lines[-1].endswith(("\n", "\r")) else ""
+        yield from lines
+    if pending:
+        yield pending
+
+
+def cleaned(chunks, cleaner):
+    cleaner.start_document()
+    return (line for line in lines_of(chunks) if cleaner.keep(line))
+
+
+# ------------------------------------------------------------------------------------------- documents by split
+
+
+def local_documents(sources, cleaner):
+    """Yield ``(split, chunk_iterator)`` per document: one document per file."""
+    for split, paths in sources.files.items():
+        for path in paths:
+            chunks = read_text_file(path, f"--{split}_file")
+            yield split, (cleaned(chunks, cleaner) if cleaner else chunks)
+
+
+def carve_validation(documents, budget_bytes):
+    """Send the first ``budget_bytes`` of the train documents to a validation split, cut at a safe position."""
+    remaining = budget_bytes
+    for split, chunks in documents:
+        if split != "train" or remaining <= 0:
+            yield split, chunks
+            continue
+        validation_part, train_part = [], None
+        for piece in pieces(chunks):
+            if train_part is not None:
+                train_part.append(piece)
+                continue
+            size = len(piece.encode("utf-8"))
+            if size <= remaining:
+                validation_part.append(piece)
+                remaining -= size
+                continue
+            cut = safe_cut(piece, max(1, int(len(piece) * remaining / size)))
+            validation_part.append(piece[:cut])
+            train_part = [piece[cut:]] if cut < len(piece) else []
+            remaining = 0
+        if validation_part:
+            yield "validation", iter(validation_part)
+        if train_part:
+            yield "train", iter(train_part)
+
+
+def hub_documents(sources, cleaner):
+    """Yield ``(split, chunk_iterator)`` per document of a hub dataset.
+
+    Datasets stored one line per record (WikiText) are recognised by records that end with a newline; their
+    records are concatenated verbatim into one document per split instead of one document per line.
+    """
+    for split, dataset in load_hub_splits(sources).items():
+        column = text_column(dataset, sources.dataset_name)
+        if records_are_lines(dataset, column):
+            chunks = (record for record in dataset[column] if record)
+            yield split, (cleaned(chunks, cleaner) if cleaner else chunks)
+            continue
+        for record in dataset[column]:
+            if record:
+                yield split, (cleaned([record], cleaner) if cleaner else iter([record]))
+
+
+def load_hub_splits(sources):
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(sources.dataset_name, sources.dataset_config_name)
+    except Exception as err:  # datasets raises many types for a missing or unreachable dataset
+        offline = " (offline: the dataset must be in the local cache)" if os.environ.get("HF_DATASETS_OFFLINE") else ""
+        raise UserError(f"--dataset_name {sources.describe()}: cannot load{offline}: {first_line(err)}") from err
+    splits = {name: loaded[name] for name in SPLITS if name in loaded}
+    if "train" in splits and "validation" not in splits:
+        n_validation = int(len(splits["train"]) * sources.validation_split_percentage / 100)
+        splits["validation"] = splits["train"].select(range(n_validation))
+        splits["train"] = splits["train"].select(range(n_validation, len(splits["train"])))
+    if not splits:
+        raise UserError(f"--dataset_name {sources.describe()}: no train, validation or test split")
+    return splits
+
+
+def text_column(dataset, name):
+    if "text" in dataset.column_names:
+        return "text"
+    for column, feature in dataset.features.items():
+        if getattr(feature, "dtype", None) == "string":
+            return column
+    raise UserError(f"--dataset_name {name}: no text column")
+
+
+def records_are_lines(dataset, column, sample=1000):
+    records = [record for record in dataset.select(range(min(sample, len(dataset))))[column] if record]
+    return bool(records) and all(record.endswith("\n") for record in records)
+
+
+# ---------------------------------------------------------------------------------------------------- encoding
+
+_worker_tokenizer = None
+
+
+def _init_worker(tokenizer_json):
+    global _worker_tokenizer
+    from tokenizers import Tokenizer
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_tokenizer = Tokenizer.from_str(tokenizer_json)
+
+
+def encode_batch(texts, tokenizer=None):
+    """Encode texts; return per text ``(ids, n_words, n_bytes)``."""
+    backend = tokenizer or _worker_tokenizer
+    encodings = backend.encode_batch(texts, add_special_tokens=False)
+    return [(encoding.ids, len(text.split()), len(text.encode("utf-8"))) for text, encoding in zip(texts, encodings)]
+
+
+def batches(documents):
+    """Group document pieces into batches of about ``BATCH_CHARS``: lists of ``(split, text, ends_document)``."""
+    batch, size = [], 0
+    for split, chunks in documents:
+        previous = None
+        for piece in pieces(chunks):
+            if previous is not None:
+                batch.append((split, previous, False))
+                size += len(previous)
+            previous = piece
+        batch.append((split, previous or "", True))
+        size += len(previous or "")
+        if size >= BATCH_CHARS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def encoded(documents, tokenizer, num_proc):
+    """Yield ``(split, ids, n_words, n_bytes, ends_document)`` in input order, encoding in ``num_proc`` workers."""
+    backend = tokenizer.backend_tokenizer
+    if num_proc <= 1:
+        for batch in batches(documents):
+            results = encode_batch([text for _, text, _ in batch], backend)
+            for (split, _, ends), result in zip(batch, results):
+                yield (split, *result, ends)
+        return
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(num_proc, initializer=_init_worker, initargs=(backend.to_str(),)) as pool:
+        window = []
+        for batch in batches(documents):
+            window.append(batch)
+            if len(window) == num_proc * 2:
+                yield from _encode_window(pool, window)
+                window = []
+        yield from _encode_window(pool, window)
+
+
+def _encode_window(pool, window):
+    texts = [[text for _, text, _ in batch] for batch in window]
+    for batch, results in zip(window, pool.map(encode_batch, texts)):
+        for (split, _, ends), result in zip(batch, results):
+            yield (split, *result, ends)
+
+
+# ----------------------------------------------------------------------------------------------- the whole job
+
+
+def file_record(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return {"path": str(path), "bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+def describe_sources(sources):
+    if sources.dataset_name:
+        return [{"dataset_name": sources.dataset_name, "dataset_config_name": sources.dataset_config_name}]
+    for split, paths in sources.files.items():
+        for path in paths:
+            require_file(path, f"--{split}_file")
+    return [dict(split=split, **file_record(path)) for split, paths in sources.files.items() for path in paths]
+
+
+def job_key(sources, source_records, tokenizer_info):
+    """Identifies a tokenization job: same key, same output."""
+    payload = repr((FORMAT_VERSION, source_records, tokenizer_info["fingerprint"],
+                    sources.validation_split_percentage if "validation" not in sources.files else None,
+                    dataclasses.asdict(sources.cleaning) if sources.clean else None))
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def existing_key(output_dir):
+    try:
+        meta = read_meta(output_dir)
+    except UserError:
+        return None
+    if all(split_path(output_dir, split).is_file() for split in meta.get("splits", {})):
+        return meta.get("key")
+    return None
+
+
+def tokenize_to_folder(sources, tokenizer, tokenizer_name, output_dir, num_proc=1, overwrite=False, log=print):
+    """Tokenize ``sources`` into ``output_dir``; reuse it when it already holds the same job. Returns the meta."""
+    if not sources.files and not sources.dataset_name:
+        raise UserError("no data: give --train_file (and optionally --validation_file/--test_file) or --dataset_name")
+    info = tokenizer_record(tokenizer, tokenizer_name)
+    source_records = describe_sources(sources)
+    key = job_key(sources, source_records, info)
+    if not overwrite and existing_key(output_dir) == key:
+        log(f"Reusing {output_dir}: it already holds these inputs tokenized with this tokenizer (--overwrite redoes it)")
+        return read_meta(output_dir)
+    if Path(output_dir).exists() and not overwrite and any(Path(output_dir).iterdir()):
+        raise UserError(f"--output_dir {output_dir}: holds other data; pass --overwrite or choose another folder")
+
+    cleaner = LineCleaner(sources.cleaning) if sources.clean else None
+    if sources.dataset_name:
+        documents = hub_documents(sources, cleaner)
+        total = None
+    else:
+        documents = local_documents(sources, cleaner)
+        total = sum(os.path.getsize(path) for paths in sources.files.values() for path in paths)
+        if "validation" not in sources.files and sources.validation_split_percentage > 0:
+            train_bytes = sum(os.path.getsize(path) for path in sources.files.get("train", []))
+            documents = carve_validation(documents, int(train_bytes * sources.validation_split_percentage / 100))
+
+    dtype = token_dtype(info["vocab_size"])
+    with StagedFolder(output_dir) as staged:
+        writers = {}
+        progress = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=None)
+        for split, ids, n_words, n_bytes, ends_document in encoded(documents, tokenizer, num_proc):
+            if split not in writers:
+                writers[split] = SplitWriter(split_path(staged.path, split), dtype)
+            writer = writers[split]
+            writer.write(ids)
+            writer.n_words += n_words
+            writer.n_bytes += n_bytes
+            if ends_document:
+                writer.write([tokenizer.eos_token_id])
+                writer.n_documents += 1
+            progress.update(n_bytes)
+        progress.close()
+        for writer in writers.values():
+            writer.close()
+        empty = [split for split, writer in writers.items() if writer.n_tokens <= writer.n_documents]
+        if not writers or empty:
+            raise UserError(f"{sources.describe()}: no text left in split(s) {', '.join(empty) or 'any'}"
+                            + (" after --clean" if sources.clean else ""))
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "key": key,
+            "tokenizer": info,
+            "dtype": dtype,
+            "splits": {split: writer.summary() for split, writer in writers.items()},
+            "sources": source_records,
+            "validation_split_percentage": None if "validation" in sources.files else sources.validation_split_percentage,
+            "cleaning": {"enabled": sources.clean, **dataclasses.asdict(sources.cleaning),
+                         "counts": cleaner.counts if cleaner else None},
+        }
+        write_meta(staged.path, meta)
+    return meta

@@ -1,0 +1,200 @@
+"""train.py: fine-tune or pre-train a causal LM on fixed-size blocks with the HuggingFace Trainer.
+
+The Trainer brings torchrun/DDP, DeepSpeed, native mixed precision, exact resume and TensorBoard. This module
+adds the project's data (token folders, blocks, each rank its own shard, reshuffled every epoch), a
+token-weighted evaluation with perplexity, output-folder safety and the legacy flags users' scripts pass.
+"""
+import dataclasses
+import math
+import os
+import shutil
+import time
+
+import torch
+from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from .cli import DataclassArgumentParser
+from .data import BlockDataset, DataArguments, check_vocabulary, choose_block_size, resolve_token_folder
+from .errors import UserError, entry_point
+from .jsonio import write_json
+from .models import is_trained_model_folder, load_causal_lm, load_config, n_positions
+from .perplexity import perplexity_from, reduce_sums, stream_nll
+from .tokenfiles import open_split, read_meta
+from .vocab import load_tokenizer
+
+
+@dataclasses.dataclass
+class ModelArguments:
+    model_name_or_path: str = dataclasses.field(default=None, metadata={"help": "hub name or model folder"})
+    config_name: str = dataclasses.field(default=None, metadata={"help": "config JSON or folder: random initialisation"})
+    tokenizer_name: str = dataclasses.field(default=None, metadata={"help": "tokenizer (default: the model's)"})
+
+
+@dataclasses.dataclass
+class ProjectTrainingArguments(TrainingArguments):
+    """TrainingArguments plus the flags transformers 5 removed that users' scripts still pass."""
+
+    warmup_ratio: float = dataclasses.field(default=None, metadata={"help": "fraction of steps to warm up (alias of a "
+                                                                            "fractional --warmup_steps)"})
+    overwrite_output_dir: bool = dataclasses.field(default=False, metadata={"help": "allow an output folder that "
+                                                                                    "already holds a trained model"})
+    report_to: str = dataclasses.field(default="tensorboard", metadata={"help": "tensorboard (default), none, ..."})
+
+    def __post_init__(self):
+        if self.warmup_ratio is not None:
+            if not 0 <= self.warmup_ratio < 1:
+                raise UserError(f"--warmup_ratio {self.warmup_ratio}: must be in [0, 1)")
+            if self.warmup_steps:
+                raise UserError("give --warmup_ratio or --warmup_steps, not both")
+            self.warmup_steps = self.warmup_ratio
+        try:
+            super().__post_init__()
+        except ValueError as err:
+            raise UserError(" ".join(str(err).split())) from err
+
+
+def autocast_dtype(args):
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+
+
+class LMTrainer(Trainer):
+    """Trainer whose evaluation is the token-weighted NLL over the whole validation stream, with perplexity."""
+
+    def __init__(self, *args, eval_tokens=None, block_size=None, **kwargs):
+        # The Trainer only checks that an eval dataset exists; evaluate() reads the token stream itself.
+        super().__init__(*args, eval_dataset=eval_tokens, **kwargs)
+        self.eval_tokens, self.block_size = eval_tokens, block_size
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        if self.eval_tokens is None:
+            raise UserError("evaluation asked for, but the data has no validation split: give --validation_file")
+        start = time.time()
+        nll_sum, n_scored = stream_nll(self.model, self.eval_tokens, self.block_size, self.block_size,
+                                       self.args.per_device_eval_batch_size, self.args.device, autocast_dtype(self.args),
+                                       rank=self.args.process_index, world_size=self.args.world_size)
+        nll_sum, n_scored = reduce_sums(nll_sum, n_scored, self.args.device)
+        loss, perplexity = perplexity_from(nll_sum, n_scored)
+        runtime = time.time() - start
+        metrics = {f"{metric_key_prefix}_loss": loss, f"{metric_key_prefix}_perplexity": perplexity,
+                   f"{metric_key_prefix}_n_tokens": n_scored, f"{metric_key_prefix}_runtime": round(runtime, 4),
+                   f"{metric_key_prefix}_tokens_per_second": round(n_scored / max(runtime, 1e-9), 1)}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+def parse_training_args(dataclass_types, prog, argv=None):
+    parser = DataclassArgumentParser(dataclass_types)
+    parser.prog = prog
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def check_output_dir(args):
+    """Refuse to train over a trained model unless told to overwrite or resume."""
+    if args.resume_from_checkpoint or args.overwrite_output_dir:
+        return
+    if is_trained_model_folder(args.output_dir):
+        raise UserError(f"--output_dir {args.output_dir} already holds a trained model: pass --overwrite_output_dir "
+                        "to train over it, --resume_from_checkpoint to continue it, or choose another folder")
+
+
+def resolve_resume(args):
+    """``--resume_from_checkpoint`` PATH, or ``latest`` (the newest checkpoint, required) or ``auto`` (if any)."""
+    wanted = args.resume_from_checkpoint
+    if not wanted:
+        return None
+    if wanted.lower() in ("auto", "latest", "true"):
+        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        if last is None and wanted.lower() != "auto":
+            raise UserError(f"--resume_from_checkpoint {wanted}: no checkpoint-* folder in {args.output_dir}")
+        return last
+    if not os.path.isdir(wanted):
+        raise UserError(f"--resume_from_checkpoint {wanted}: no such checkpoint folder")
+    return wanted
+
+
+def check_precision(args):
+    if args.fp16 and not torch.cuda.is_available():
+        raise UserError("--fp16 needs a CUDA GPU; on CPU use --bf16 or full precision")
+
+
+@dataclasses.dataclass
+class PreparedData:
+    folder: str
+    meta: dict
+    block_size: int
+    train_dataset: BlockDataset
+    eval_tokens: object
+
+
+def prepare_data(data_args, training_args, tokenizer, tokenizer_name, config, what="the data"):
+    block_size = choose_block_size(data_args.block_size, n_positions(config))
+    folder = resolve_token_folder(data_args, tokenizer, tokenizer_name, training_args.main_process_first)
+    meta = read_meta(folder)
+    check_vocabulary(meta, config, what)
+    if "train" not in meta["splits"]:
+        raise UserError(f"{folder}: no train split to train on: give --train_file or a --dataset_dir with one")
+    train_dataset = BlockDataset(folder, "train", block_size)
+    eval_tokens = open_split(folder, "validation") if "validation" in meta["splits"] else None
+    if eval_tokens is not None and len(eval_tokens) < 2:
+        eval_tokens = None
+    return PreparedData(str(folder), meta, block_size, train_dataset, eval_tokens)
+
+
+def save_final_model(trainer, output_dir):
+    """Save the model and tokenizer into a staging folder, then move each file into ``output_dir``."""
+    staging = os.path.join(output_dir, ".final-staging")
+    trainer.save_model(staging)
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        for name in os.listdir(staging):
+            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+
+
+def train_and_evaluate(trainer, training_args, resume, extra_results=None):
+    """Train, save the final model, evaluate, and write ``train_results.json`` / ``eval_results.json``."""
+    result = trainer.train(resume_from_checkpoint=resume)
+    save_final_model(trainer, training_args.output_dir)
+    metrics = dict(result.metrics)
+    if trainer.is_world_process_zero():
+        write_json(os.path.join(training_args.output_dir, "train_results.json"), metrics)
+        trainer.state.save_to_json(os.path.join(training_args.output_dir, "trainer_state.json"))
+    if training_args.do_eval and trainer.eval_tokens is not None:
+        eval_metrics = trainer.evaluate()
+        eval_results = {**eval_metrics, "perplexity": eval_metrics["eval_perplexity"], **(extra_results or {})}
+        if trainer.is_world_process_zero():
+            write_json(os.path.join(training_args.output_dir, "eval_results.json"), eval_results)
+            print(f"eval_loss {eval_results['eval_loss']:.4f}  perplexity {eval_results['perplexity']:.2f}")
+    return metrics
+
+
+def prepare_run(training_args):
+    """Checks and environment shared by every training entry point; returns the checkpoint to resume from."""
+    check_precision(training_args)
+    check_output_dir(training_args)
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(training_args.output_dir, "runs"))
+    set_seed(training_args.seed)
+    return resolve_resume(training_args)
+
+
+@entry_point
+def main(argv=None):
+    model_args, data_args, training_args = parse_training_args(
+        (ModelArguments, DataArguments, ProjectTrainingArguments), "train.py", argv)
+    resume = prepare_run(training_args)
+    tokenizer_name = model_args.tokenizer_name or model_args.model_name_or_path
+    if tokenizer_name is None:
+        raise UserError("--tokenizer_name is required with --config_name (no model folder to take it from)")
+    tokenizer = load_tokenizer(tokenizer_name, "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path")
+    config = load_config(model_args.config_name, model_args.model_name_or_path)
+    data = prepare_data(data_args, training_args, tokenizer, tokenizer_name, config)
+    model = load_causal_lm(config, None if model_args.config_name else model_args.model_name_or_path)
+    trainer = LMTrainer(model=model, args=training_args, train_dataset=data.train_dataset,
+                        data_collator=default_data_collator, processing_class=tokenizer,
+                        eval_tokens=data.eval_tokens, block_size=data.block_size)
+    if training_args.eval_strategy != "no" and data.eval_tokens is None:
+        raise UserError(f"--eval_strategy {training_args.eval_strategy}: the data has no validation split")
+    train_and_evaluate(trainer, training_args, resume, {"block_size": data.block_size, "data": data.folder})

@@ -1,0 +1,48 @@
+# Shared by the launch scripts: data flags, precision, and the launcher (python, torchrun or deepspeed).
+# Each script sets its variables first, then sources this file.
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -z "${VIRTUAL_ENV:-}" && -x "$REPO/.venv/bin/python" ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
+fi
+
+GPU_COUNT=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+NPROC_PER_NODE=${NPROC_PER_NODE:-$(( GPU_COUNT > 0 ? GPU_COUNT : 1 ))}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+if [[ -z "${PRECISION:-}" ]]; then PRECISION=$([[ $GPU_COUNT -gt 0 ]] && echo fp16 || echo fp32); fi
+
+# The data flags: DATASET_DIR, else local files, else a hub dataset.
+data_args() {
+  if [[ -n "${DATASET_DIR:-}" ]]; then
+    echo "--dataset_dir $DATASET_DIR"
+  elif [[ -n "${TRAIN_FILE:-}${VALIDATION_FILE:-}${TEST_FILE:-}" ]]; then
+    echo "${TRAIN_FILE:+--train_file $TRAIN_FILE} ${VALIDATION_FILE:+--validation_file $VALIDATION_FILE} ${TEST_FILE:+--test_file $TEST_FILE}"
+  else
+    echo "${DATASET_NAME:+--dataset_name $DATASET_NAME} ${DATASET_CONFIG:+--dataset_config_name $DATASET_CONFIG}"
+  fi
+}
+
+precision_args() {
+  case "$PRECISION" in
+    fp16) echo "--fp16" ;;
+    bf16) echo "--bf16" ;;
+    fp32) echo "" ;;
+    *) echo "PRECISION=$PRECISION: use fp32, fp16 or bf16" >&2; exit 2 ;;
+  esac
+}
+
+# run SCRIPT ARGS...: plain python for one process, torchrun for several.
+run() {
+  local script=$1; shift
+  if (( NPROC_PER_NODE * NNODES > 1 )); then
+    set -x
+    "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
+      --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$REPO/$script" "$@"
+  else
+    set -x
+    "$PYTHON" "$REPO/$script" "$@"
+  fi
+}

@@ -1,0 +1,90 @@
+"""Shared fixtures: a tiny BPE tokenizer, a tiny GPT-2 config and text files, all made here, offline."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                  TRANSFORMERS_VERBOSITY="error", DISABLE_TQDM="1")
+sys.path.insert(0, str(REPO))
+
+VOCAB_SIZE = 512
+
+
+@pytest.fixture(scope="session", autouse=True)
+def token_cache(tmp_path_factory):
+    """Keep the raw-text token cache inside the test run."""
+    os.environ["LMCOMPRESS_CACHE"] = str(tmp_path_factory.mktemp("token-cache"))
+
+
+@pytest.fixture(scope="session")
+def corpus_files(tmp_path_factory):
+    """train/validation/test text files cut from the pydoc topics (English prose with code)."""
+    from lmcompress.corpus import topics
+
+    folder = tmp_path_factory.mktemp("corpus")
+    documents = list(topics())
+    parts = {"train": documents[:-40], "validation": documents[-40:-20], "test": documents[-20:]}
+    files = {}
+    for split, docs in parts.items():
+        files[split] = folder / f"{split}.txt"
+        files[split].write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    return files
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, corpus_files):
+    from lmcompress.vocab import train_bpe_tokenizer
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    train_bpe_tokenizer([corpus_files["train"].read_text(encoding="utf-8")], VOCAB_SIZE, folder, model_max_length=128)
+    return folder
+
+
+def write_config(path, **overrides):
+    values = {"model_type": "gpt2", "vocab_size": VOCAB_SIZE, "n_positions": 128, "n_embd": 64, "n_layer": 2,
+              "n_head": 2, "bos_token_id": 0, "eos_token_id": 0, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+              "attn_pdrop": 0.0}
+    values.update(overrides)
+    Path(path).write_text(json.dumps(values), encoding="utf-8")
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tmp_path_factory):
+    return write_config(tmp_path_factory.mktemp("config") / "tiny-gpt2.json")
+
+
+def run(args, env=None, check=True, timeout=600, cwd=REPO):
+    """Run a command from the repository root with the test environment; return the CompletedProcess."""
+    full_env = {**os.environ, "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1", **(env or {})}
+    args = [str(arg) for arg in args]
+    if args[0].endswith(".py"):
+        args = [sys.executable] + args
+    result = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n"
+                             f"--- stderr\n{result.stderr[-6000:]}")
+    return result
+
+
+def error_line(result):
+    """The last line of stderr, which is where a one-line user error must be."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode != 0, f"expected a failure, got exit 0\n{result.stdout[-2000:]}"
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = error_line(result)
+    assert "error:" in line, result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in line, f"{fragment!r} not in {line!r}"
+    return line
