@@ -154,8 +154,9 @@ def save_final_model(trainer, output_dir):
     trainer.accelerator.wait_for_everyone()
 
 
-def train_and_evaluate(trainer, training_args, resume, extra_results=None):
+def train_and_evaluate(trainer, resume):
     """Train, save the final model, evaluate, and write ``train_results.json`` / ``eval_results.json``."""
+    training_args = trainer.args
     result = trainer.train(resume_from_checkpoint=resume)
     save_final_model(trainer, training_args.output_dir)
     metrics = dict(result.metrics)
@@ -164,7 +165,8 @@ def train_and_evaluate(trainer, training_args, resume, extra_results=None):
         trainer.state.save_to_json(os.path.join(training_args.output_dir, "trainer_state.json"))
     if training_args.do_eval and trainer.eval_tokens is not None:
         eval_metrics = trainer.evaluate()
-        eval_results = {**eval_metrics, "perplexity": eval_metrics["eval_perplexity"], **(extra_results or {})}
+        eval_results = {**eval_metrics, "perplexity": eval_metrics["eval_perplexity"],
+                        **getattr(trainer, "run_info", {})}
         if trainer.is_world_process_zero():
             write_json(os.path.join(training_args.output_dir, "eval_results.json"), eval_results)
             print(f"eval_loss {eval_results['eval_loss']:.4f}  perplexity {eval_results['perplexity']:.2f}")
@@ -180,8 +182,8 @@ def prepare_run(training_args):
     return resolve_resume(training_args)
 
 
-@entry_point
-def main(argv=None):
+def build_trainer(argv=None):
+    """Parse train.py's flags and build its LMTrainer; returns ``(trainer, checkpoint_to_resume)``."""
     model_args, data_args, training_args = parse_training_args(
         (ModelArguments, DataArguments, ProjectTrainingArguments), "train.py", argv)
     resume = prepare_run(training_args)
@@ -191,10 +193,17 @@ def main(argv=None):
     tokenizer = load_tokenizer(tokenizer_name, "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path")
     config = load_config(model_args.config_name, model_args.model_name_or_path)
     data = prepare_data(data_args, training_args, tokenizer, tokenizer_name, config)
+    if training_args.eval_strategy != "no" and data.eval_tokens is None:
+        raise UserError(f"--eval_strategy {training_args.eval_strategy}: the data has no validation split")
     model = load_causal_lm(config, None if model_args.config_name else model_args.model_name_or_path)
     trainer = LMTrainer(model=model, args=training_args, train_dataset=data.train_dataset,
                         data_collator=default_data_collator, processing_class=tokenizer,
                         eval_tokens=data.eval_tokens, block_size=data.block_size)
-    if training_args.eval_strategy != "no" and data.eval_tokens is None:
-        raise UserError(f"--eval_strategy {training_args.eval_strategy}: the data has no validation split")
-    train_and_evaluate(trainer, training_args, resume, {"block_size": data.block_size, "data": data.folder})
+    trainer.run_info = {"block_size": data.block_size, "data": data.folder}
+    return trainer, resume
+
+
+@entry_point
+def main(argv=None):
+    trainer, resume = build_trainer(argv)
+    train_and_evaluate(trainer, resume)
