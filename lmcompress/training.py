@@ -61,10 +61,11 @@ def autocast_dtype(args):
 class LMTrainer(Trainer):
     """Trainer whose evaluation is the token-weighted NLL over the whole validation stream, with perplexity."""
 
-    def __init__(self, *args, eval_tokens=None, block_size=None, **kwargs):
+    def __init__(self, *args, eval_tokens=None, block_size=None, run_info=None, **kwargs):
         # The Trainer only checks that an eval dataset exists; evaluate() reads the token stream itself.
         super().__init__(*args, eval_dataset=eval_tokens, **kwargs)
         self.eval_tokens, self.block_size = eval_tokens, block_size
+        self.run_info = run_info or {}  # recorded in eval_results.json
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         if self.eval_tokens is None:
@@ -166,7 +167,7 @@ def train_and_evaluate(trainer, resume):
     if training_args.do_eval and trainer.eval_tokens is not None:
         eval_metrics = trainer.evaluate()
         eval_results = {**eval_metrics, "perplexity": eval_metrics["eval_perplexity"],
-                        **getattr(trainer, "run_info", {})}
+                        **trainer.run_info}
         if trainer.is_world_process_zero():
             write_json(os.path.join(training_args.output_dir, "eval_results.json"), eval_results)
             print(f"eval_loss {eval_results['eval_loss']:.4f}  perplexity {eval_results['perplexity']:.2f}")
@@ -198,8 +199,8 @@ def build_trainer(argv=None):
     model = load_causal_lm(config, None if model_args.config_name else model_args.model_name_or_path)
     trainer = LMTrainer(model=model, args=training_args, train_dataset=data.train_dataset,
                         data_collator=default_data_collator, processing_class=tokenizer,
-                        eval_tokens=data.eval_tokens, block_size=data.block_size)
-    trainer.run_info = {"block_size": data.block_size, "data": data.folder}
+                        eval_tokens=data.eval_tokens, block_size=data.block_size,
+                        run_info={"block_size": data.block_size, "data": data.folder})
     return trainer, resume
 
 
