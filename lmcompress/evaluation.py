@@ -5,6 +5,7 @@ import time
 
 import torch
 
+from . import deepspeed_support
 from .data import DataArguments, check_vocabulary, choose_block_size, resolve_token_folder
 from .errors import UserError, entry_point
 from .jsonio import write_json
@@ -64,6 +65,24 @@ def main_process_first_factory(rank, world_size):
     return main_process_first
 
 
+def load_model(args, config, dtype, device):
+    """The model and whether ranks must run in lockstep: ZeRO-3 with ``--deepspeed``, else a copy on each rank.
+
+    ZeRO stages 1 and 2 partition only optimizer state and gradients, so for inference they are a plain copy.
+    """
+    ds_config = deepspeed_support.read_config(args.deepspeed) if args.deepspeed else None
+    if ds_config is None or deepspeed_support.zero_stage(ds_config) < 3:
+        return load_causal_lm(config, args.model_name_or_path).to(device), False
+    from transformers.integrations import HfDeepSpeedConfig
+
+    ds_config = deepspeed_support.inference_config(ds_config, config.hidden_size, args.per_device_eval_batch_size,
+                                                   dtype, f"--deepspeed {args.deepspeed}")
+    zero3_loading = HfDeepSpeedConfig(ds_config)  # while it lives, from_pretrained partitions the weights as it loads
+    model = load_causal_lm(config, args.model_name_or_path)
+    del zero3_loading
+    return deepspeed_support.zero3_inference(model, ds_config), True
+
+
 @entry_point
 def main(argv=None):
     args, data_args = parse_training_args((EvaluationArguments, DataArguments), "evaluate.py", argv)
@@ -82,11 +101,11 @@ def main(argv=None):
     tokens = open_split(folder, args.split, "--split")
     if len(tokens) < 2:
         raise UserError(f"{folder}/{args.split}.bin: fewer than two tokens, nothing to score")
-    model = load_causal_lm(config, args.model_name_or_path).to(device)
+    model, lockstep = load_model(args, config, dtype, device)
 
     start = time.time()
     nll_sum, n_scored = stream_nll(model, tokens, block_size, stride, args.per_device_eval_batch_size, device, dtype,
-                                   rank=rank, world_size=world_size, progress=rank == 0)
+                                   rank=rank, world_size=world_size, progress=rank == 0, lockstep=lockstep)
     nll_sum, n_scored = reduce_sums(nll_sum, n_scored, device)
     runtime = time.time() - start
     loss, perplexity = perplexity_from(nll_sum, n_scored)

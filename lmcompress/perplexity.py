@@ -64,10 +64,11 @@ def summed_nll_from_hidden(hidden, output_head, labels, chunk=LOGIT_CHUNK):
     return total, int(scored.sum())
 
 
-def summed_nll(model, input_ids, attention_mask, labels):
+def summed_nll(model, input_ids, attention_mask, labels, whole_model=False):
+    """``whole_model``: one plain forward with full logits (ZeRO-3: a fixed number of parameter gathers)."""
     base = model.base_model
     head = model.get_output_embeddings()
-    if base is model or head is None:
+    if whole_model or base is model or head is None:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         return summed_nll_from_hidden(logits, torch.nn.Identity(), labels)
     hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -81,22 +82,30 @@ def perplexity_from(nll_sum, n_scored):
 
 @torch.no_grad()
 def stream_nll(model, tokens, block_size, stride, batch_size, device, autocast_dtype=None, rank=0, world_size=1,
-               progress=False):
-    """Sum of NLL and number of scored tokens for this rank's share of the windows (window i → rank i % world)."""
+               progress=False, lockstep=False):
+    """Sum of NLL and number of scored tokens for this rank's share of the windows (window i → rank i % world).
+
+    ``lockstep`` (ZeRO-3, whose every forward gathers parameters from all ranks): every rank runs as many
+    whole-model forward passes as rank 0, which has the most windows; a rank that has run out scores its
+    last window again and drops the result.
+    """
     from tqdm.auto import tqdm
 
-    spans = window_spans(len(tokens), block_size, stride)[rank::world_size]
+    all_spans = window_spans(len(tokens), block_size, stride)
+    spans = all_spans[rank::world_size]
+    n_batches = math.ceil(len(all_spans[::world_size] if lockstep else spans) / batch_size)
     was_training = model.training
     model.eval()
     nll_sum, n_scored = 0.0, 0
-    batches = range(0, len(spans), batch_size)
-    for start in tqdm(batches, desc="perplexity", disable=not progress or None):
+    for start in tqdm(range(0, n_batches * batch_size, batch_size), desc="perplexity", disable=not progress or None):
+        batch = spans[start : start + batch_size]
         input_ids, attention_mask, labels = (t.to(device, non_blocking=True)
-                                             for t in make_batch(tokens, spans[start : start + batch_size]))
+                                             for t in make_batch(tokens, batch or (spans or all_spans)[-1:]))
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            batch_sum, batch_count = summed_nll(model, input_ids, attention_mask, labels)
-        nll_sum += batch_sum
-        n_scored += batch_count
+            batch_sum, batch_count = summed_nll(model, input_ids, attention_mask, labels, whole_model=lockstep)
+        if batch:
+            nll_sum += batch_sum
+            n_scored += batch_count
     model.train(was_training)
     return torch.as_tensor(nll_sum, dtype=torch.float64).item(), n_scored
 

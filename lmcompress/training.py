@@ -12,8 +12,10 @@ import time
 
 import torch
 from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import get_last_checkpoint
 
+from . import deepspeed_support
 from .cli import DataclassArgumentParser
 from .data import BlockDataset, DataArguments, check_vocabulary, choose_block_size, resolve_token_folder
 from .errors import UserError, entry_point
@@ -48,10 +50,15 @@ class ProjectTrainingArguments(TrainingArguments):
             if self.warmup_steps:
                 raise UserError("give --warmup_ratio or --warmup_steps, not both")
             self.warmup_steps = self.warmup_ratio
+        if isinstance(self.deepspeed, str):
+            deepspeed_support.read_config(self.deepspeed)
+            deepspeed_support.use_deepspeed_state_on_cpu(self)
         try:
             super().__post_init__()
         except ValueError as err:
             raise UserError(" ".join(str(err).split())) from err
+        if self.deepspeed:
+            deepspeed_support.check_matches_flags(self.hf_deepspeed_config, self.deepspeed)
 
 
 def autocast_dtype(args):
@@ -73,7 +80,8 @@ class LMTrainer(Trainer):
         start = time.time()
         nll_sum, n_scored = stream_nll(self.model, self.eval_tokens, self.block_size, self.block_size,
                                        self.args.per_device_eval_batch_size, self.args.device, autocast_dtype(self.args),
-                                       rank=self.args.process_index, world_size=self.args.world_size)
+                                       rank=self.args.process_index, world_size=self.args.world_size,
+                                       lockstep=is_deepspeed_zero3_enabled())
         nll_sum, n_scored = reduce_sums(nll_sum, n_scored, self.args.device)
         loss, perplexity = perplexity_from(nll_sum, n_scored)
         runtime = time.time() - start

@@ -1,0 +1,107 @@
+"""DeepSpeed configs (read with one-line errors, filled for inference) and ZeRO-3 inference for frozen models.
+
+Training goes through the HuggingFace Trainer's DeepSpeed integration, which fills the configs' "auto"
+values from the flags. Inference has no Trainer, so ``inference_config`` fills them here.
+"""
+import copy
+import json
+import os
+from datetime import timedelta
+
+import torch
+
+from .errors import UserError
+
+
+def read_config(path, flag="--deepspeed"):
+    """The config as a dict, or a one-line error for a missing, malformed or non-object file."""
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path}: no such DeepSpeed config file")
+    try:
+        with open(path, encoding="utf-8") as file:
+            config = json.load(file)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{flag} {path}: not valid JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise UserError(f"{flag} {path}: expected a JSON object of DeepSpeed settings")
+    return config
+
+
+def zero_stage(config):
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+def check_matches_flags(hf_deepspeed_config, path):
+    """Refuse values the config states that contradict the flags (the Trainer would raise deep inside train())."""
+    if hf_deepspeed_config.mismatches:
+        found = "; ".join(line.lstrip("- ") for line in hf_deepspeed_config.mismatches)
+        raise UserError(f"--deepspeed {path} contradicts the flags: {found}; set these to \"auto\" in the config "
+                        "or make them agree")
+
+
+def use_deepspeed_state_on_cpu(training_args):
+    """Set up accelerate's process state for DeepSpeed on CPU, which accelerate itself gets wrong.
+
+    Without a GPU, accelerate (1.15) picks no backend when DeepSpeed is asked for, so every rank believes it
+    is the only one: each trains on all the data and saves as the main process. Passing the gloo backend
+    explicitly and telling the Trainer to use that state fixes it. No effect on GPU machines.
+    """
+    if torch.cuda.is_available() or int(os.environ.get("LOCAL_RANK", -1)) == -1:
+        return
+    from accelerate import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    try:
+        PartialState(backend="gloo", timeout=timedelta(seconds=training_args.ddp_timeout))
+    finally:
+        del os.environ["ACCELERATE_USE_DEEPSPEED"]
+    training_args.accelerator_config = {"use_configured_state": True}
+
+
+def _hidden_size_defaults(hidden_size):
+    """What the Trainer puts for these "auto" values (transformers' trainer_config_finalize)."""
+    return {"reduce_bucket_size": hidden_size * hidden_size,
+            "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+            "stage3_param_persistence_threshold": 10 * hidden_size}
+
+
+def _auto_keys(node, prefix=""):
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _auto_keys(value, f"{prefix}{key}.")
+        elif value == "auto":
+            yield prefix + key
+
+
+def inference_config(config, hidden_size, micro_batch_size, dtype, path="--deepspeed"):
+    """A training config turned into an inference one: no optimizer or schedule, "auto" values filled."""
+    config = copy.deepcopy(config)
+    for key in ("optimizer", "scheduler", "gradient_clipping", "train_batch_size"):
+        config.pop(key, None)
+    zero = config.setdefault("zero_optimization", {})
+    zero.pop("offload_optimizer", None)
+    for key, value in _hidden_size_defaults(hidden_size).items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    config["fp16"] = {**config.get("fp16", {}), "enabled": dtype == torch.float16}
+    config["bf16"] = {**config.get("bf16", {}), "enabled": dtype == torch.bfloat16}
+    config["train_micro_batch_size_per_gpu"] = micro_batch_size
+    config["gradient_accumulation_steps"] = 1
+    left = list(_auto_keys(config))
+    if left:
+        raise UserError(f"{path}: cannot fill \"auto\" for {', '.join(left)} without a Trainer: give numbers")
+    return config
+
+
+def zero3_inference(model, config):
+    """A DeepSpeed engine for ZeRO-3 inference: each forward gathers the parameters it needs, layer by layer.
+
+    Call the engine as the model (it holds the hooks' state, so keep it). Every rank must run the same number
+    of forward passes. Load the model while an ``HfDeepSpeedConfig`` (or the Trainer's ZeRO-3 arguments) is
+    alive, so that it is partitioned as it loads and never held whole.
+    """
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
