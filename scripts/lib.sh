@@ -46,3 +46,18 @@ run() {
     "$PYTHON" "$REPO/$script" "$@"
   fi
 }
+
+# run_deepspeed SCRIPT ARGS...: the deepspeed launcher, with --deepspeed "$DS_CONFIG". On one node it starts
+# NPROC_PER_NODE processes (or those INCLUDE/EXCLUDE pick, e.g. localhost:0,1); with a HOSTFILE it starts one per
+# slot on every host listed (over ssh; the first host is the master), narrowed by INCLUDE/EXCLUDE.
+run_deepspeed() {
+  local script=$1; shift
+  local config=$DS_CONFIG resources=()
+  if [[ ! -f "$config" && -f "$REPO/$config" ]]; then config=$REPO/$config; fi
+  if [[ -n "${INCLUDE:-}${EXCLUDE:-}" ]]; then resources=(${INCLUDE:+--include "$INCLUDE"} ${EXCLUDE:+--exclude "$EXCLUDE"})
+  elif [[ -z "${HOSTFILE:-}" ]]; then resources=(--num_gpus "$NPROC_PER_NODE")
+  fi
+  set -x
+  "$PYTHON" -m deepspeed.launcher.runner ${HOSTFILE:+--hostfile "$HOSTFILE"} "${resources[@]}" \
+    --master_port "$MASTER_PORT" "$REPO/$script" --deepspeed "$config" "$@"
+}
