@@ -48,6 +48,10 @@ def make_batch(tokens, spans, pad_id=0):
     return input_ids, attention_mask, labels
 
 
+def at_least_float32(tensor):
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+
 def summed_nll_from_hidden(hidden, output_head, labels, chunk=LOGIT_CHUNK):
     """Sum of next-token NLL over positions whose label is set, projecting ``chunk`` positions at a time.
 
@@ -59,7 +63,7 @@ def summed_nll_from_hidden(hidden, output_head, labels, chunk=LOGIT_CHUNK):
     states, targets = hidden[:, :-1][scored], targets[scored]
     total = torch.zeros((), dtype=torch.float64, device=hidden.device)
     for start in range(0, targets.numel(), chunk):
-        logits = output_head(states[start : start + chunk]).float()
+        logits = at_least_float32(output_head(states[start : start + chunk]))
         total += F.cross_entropy(logits, targets[start : start + chunk], reduction="sum").double()
     return total, int(scored.sum())
 
