@@ -50,6 +50,9 @@ class ProjectTrainingArguments(TrainingArguments):
             if self.warmup_steps:
                 raise UserError("give --warmup_ratio or --warmup_steps, not both")
             self.warmup_steps = self.warmup_ratio
+        if not torch.cuda.is_available() and not self.deepspeed:
+            # Without this, accelerate leaves a torchrun job on CPU undistributed: every rank trains alone.
+            self.use_cpu = True
         if isinstance(self.deepspeed, str):
             deepspeed_support.read_config(self.deepspeed)
             deepspeed_support.use_deepspeed_state_on_cpu(self)
