@@ -99,7 +99,10 @@ class LMTrainer(Trainer):
 def parse_training_args(dataclass_types, prog, argv=None):
     parser = DataclassArgumentParser(dataclass_types)
     parser.prog = prog
-    return parser.parse_args_into_dataclasses(args=argv)
+    *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return parsed
 
 
 def check_output_dir(args):
