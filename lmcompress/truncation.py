@@ -1,0 +1,176 @@
+"""truncate.py: a shallower student made of chosen teacher blocks (the paper's "gpt2-alt", DistilGPT2's init).
+
+Student block i is teacher block ``layers[i]``; the embeddings, the final layer norm and the LM head are the
+teacher's. The depth comes from ``config.n_layer``, never from counting weight tensors. Keeping every layer
+gives the teacher back exactly.
+"""
+import dataclasses
+import os
+import re
+import shutil
+
+from .cli import DataclassArgumentParser
+from .errors import UserError, entry_point
+from .jsonio import write_json
+from .models import is_trained_model_folder, load_causal_lm, load_config
+from .vocab import load_tokenizer
+
+STRATEGIES = ("alt", "distil", "first", "last", "custom")
+TRUNCATION_FILE = "truncation.json"
+
+
+def alt_layers(n_layer, n_keep):
+    """Every other layer from the first: 0, 2, 4, … (the paper's "gpt2-alt")."""
+    if 2 * (n_keep - 1) > n_layer - 1:
+        raise UserError(f"--strategy alt keeps every other layer: at most {(n_layer + 1) // 2} of {n_layer} layers, "
+                        f"not {n_keep}")
+    return list(range(0, 2 * n_keep, 2))
+
+
+def distil_layers(n_layer, n_keep):
+    """Evenly spread layers that keep the first and the last (DistilGPT2's choice, generalised).
+
+    Layer i of the student is teacher layer ``round(i * (n_layer - 1) / (n_keep - 1))`` for i = 0 … n_keep-1,
+    rounding halves up. 12 → 6 gives 0,2,4,7,9,11 (DistilGPT2); 24 → 6 gives 0,5,9,14,18,23; 36 → 6 gives
+    0,7,14,21,28,35; 48 → 6 gives 0,9,19,28,38,47. One kept layer is the first.
+
+    The original code's table has 0,4,8,13,17,21 for gpt2-medium: the 12-layer map doubled and shifted, which
+    drops the last two layers, so no rule that keeps the last layer gives it. Reproduce it with
+    ``--strategy custom --layers 0,4,8,13,17,21``.
+    """
+    if n_keep == 1:
+        return [0]
+    span, steps = n_layer - 1, n_keep - 1
+    return [(2 * i * span + steps) // (2 * steps) for i in range(n_keep)]
+
+
+def first_layers(n_layer, n_keep):
+    return list(range(n_keep))
+
+
+def last_layers(n_layer, n_keep):
+    return list(range(n_layer - n_keep, n_layer))
+
+
+LAYER_MAPS = {"alt": alt_layers, "distil": distil_layers, "first": first_layers, "last": last_layers}
+
+
+def parse_layers(text, n_layer):
+    """``--layers 0,2,4``: distinct teacher layers in increasing order, each in [0, n_layer)."""
+    try:
+        layers = [int(item) for item in text.replace(" ", "").split(",")]
+    except ValueError as err:
+        raise UserError(f"--layers {text}: give comma-separated layer numbers, e.g. 0,2,4") from err
+    out_of_range = [layer for layer in layers if not 0 <= layer < n_layer]
+    if out_of_range:
+        raise UserError(f"--layers {text}: layer {out_of_range[0]} is out of range: the teacher has layers "
+                        f"0 to {n_layer - 1}")
+    if any(later <= earlier for earlier, later in zip(layers, layers[1:])):
+        raise UserError(f"--layers {text}: list distinct layers in increasing order (the student keeps their order)")
+    return layers
+
+
+def select_layers(strategy, n_layer, num_layers=None, layers=None):
+    """The teacher layers the student keeps, in order."""
+    if strategy not in STRATEGIES:
+        raise UserError(f"--strategy {strategy}: unknown strategy; choose from {', '.join(STRATEGIES)}")
+    if strategy == "custom":
+        if not layers:
+            raise UserError("--strategy custom needs --layers, e.g. --layers 0,2,4,6,8,10")
+        kept = parse_layers(layers, n_layer)
+        if num_layers is not None and num_layers != len(kept):
+            raise UserError(f"--num_layers {num_layers} but --layers lists {len(kept)} layers")
+        return kept
+    if layers:
+        raise UserError(f"--layers goes with --strategy custom, not --strategy {strategy}")
+    n_keep = max(1, n_layer // 2) if num_layers is None else num_layers
+    if not 1 <= n_keep <= n_layer:
+        raise UserError(f"--num_layers {n_keep}: must be between 1 and the teacher's {n_layer} layers")
+    return LAYER_MAPS[strategy](n_layer, n_keep)
+
+
+def student_state_dict(teacher_state, layers):
+    """The teacher's weights with block ``layers[i]`` renamed to block i and the other blocks left out."""
+    new_index = {old: new for new, old in enumerate(layers)}
+    block = re.compile(r"^(transformer\.h\.)(\d+)(\..*)$")
+    state = {}
+    for name, tensor in teacher_state.items():
+        match = block.match(name)
+        if match is None:
+            state[name] = tensor
+        elif int(match.group(2)) in new_index:
+            state[f"{match.group(1)}{new_index[int(match.group(2))]}{match.group(3)}"] = tensor
+    return state
+
+
+def check_truncatable(config, flag="--teacher_name_or_path"):
+    if config.model_type != "gpt2":
+        raise UserError(f"{flag}: a {config.model_type} model; truncation handles GPT-2-family models "
+                        "(model_type gpt2)")
+
+
+def truncate_model(teacher, layers):
+    """A new model of ``len(layers)`` blocks holding the teacher's blocks ``layers`` and its other weights."""
+    from transformers import AutoModelForCausalLM
+
+    check_truncatable(teacher.config)
+    config = teacher.config.__class__.from_dict(teacher.config.to_dict())
+    config.n_layer = len(layers)
+    student = AutoModelForCausalLM.from_config(config).to(teacher.dtype)
+    student.load_state_dict(student_state_dict(teacher.state_dict(), layers), strict=True)
+    return student.eval()
+
+
+def check_output_folder(output_dir, overwrite):
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
+        what = "a model" if is_trained_model_folder(output_dir) else "files"
+        raise UserError(f"--output_dir {output_dir} already holds {what}: pass --overwrite_output_dir or choose "
+                        "another folder")
+
+
+def save_student(student, tokenizer, record, output_dir):
+    """Write the folder under a temporary name beside ``output_dir``, then rename it into place."""
+    output_dir = os.path.normpath(output_dir)
+    staging = f"{output_dir}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    student.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    write_json(os.path.join(staging, TRUNCATION_FILE), record)
+    if os.path.exists(output_dir):
+        shutil.rmtree(output_dir)
+    os.makedirs(os.path.dirname(output_dir) or ".", exist_ok=True)
+    os.replace(staging, output_dir)
+
+
+@dataclasses.dataclass
+class TruncationArguments:
+    teacher_name_or_path: str = dataclasses.field(default=None, metadata={"help": "teacher: hub name or model folder"})
+    output_dir: str = dataclasses.field(default=None, metadata={"help": "student folder to write"})
+    strategy: str = dataclasses.field(default="distil",
+                                      metadata={"help": "which layers to keep: " + ", ".join(STRATEGIES)})
+    num_layers: int = dataclasses.field(default=None, metadata={"help": "student depth (default: half the teacher's)"})
+    layers: str = dataclasses.field(default=None, metadata={"help": "with --strategy custom: e.g. 0,2,4,6,8,10"})
+    tokenizer_name: str = dataclasses.field(default=None, metadata={"help": "tokenizer (default: the teacher's)"})
+    overwrite_output_dir: bool = dataclasses.field(default=False, metadata={"help": "replace an existing folder"})
+
+
+@entry_point
+def main(argv=None):
+    parser = DataclassArgumentParser(TruncationArguments)
+    parser.prog = "truncate.py"
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    if not args.teacher_name_or_path or not args.output_dir:
+        raise UserError("--teacher_name_or_path and --output_dir are required")
+    check_output_folder(args.output_dir, args.overwrite_output_dir)
+    config = load_config(None, args.teacher_name_or_path, model_flag="--teacher_name_or_path")
+    check_truncatable(config)
+    layers = select_layers(args.strategy, config.n_layer, args.num_layers, args.layers)
+    tokenizer_name = args.tokenizer_name or args.teacher_name_or_path
+    tokenizer = load_tokenizer(tokenizer_name, "--tokenizer_name" if args.tokenizer_name else "--teacher_name_or_path")
+    teacher = load_causal_lm(config, args.teacher_name_or_path, "--teacher_name_or_path")
+    student = truncate_model(teacher, layers)
+    record = {"teacher": args.teacher_name_or_path, "teacher_n_layer": config.n_layer, "strategy": args.strategy,
+              "layers": layers}
+    save_student(student, tokenizer, record, args.output_dir)
+    print(f"{args.output_dir}: {len(layers)} of {config.n_layer} layers ({args.strategy}): "
+          f"{','.join(map(str, layers))}")
