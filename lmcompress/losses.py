@@ -1,0 +1,143 @@
+"""Distillation losses: small pure functions over logits and hidden states of shape ``[batch, positions, …]``.
+
+Every term is a sum over the real positions (``mask`` true) divided by a token count: their number, or
+``n_tokens`` when given. Passing the real-token count of a whole accumulated batch (all micro-batches, all
+ranks) as ``n_tokens`` makes the micro-batch terms add up to the average over that batch.
+
+Full-vocabulary terms are computed a chunk of positions at a time, upcast to float32 (float64 stays float64)
+per chunk, and each chunk is recomputed in the backward pass. So no float32 vocabulary-wide tensor of the
+whole batch ever exists; only the gradient of the logits, in their own dtype.
+"""
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+CHUNK_ELEMENTS = 2 ** 22  # 16 MiB of float32 per tensor per chunk
+
+
+def next_token_targets(labels):
+    """Targets aligned with the logits: position t predicts ``labels[t + 1]``; the last position predicts nothing."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def _upcast(tensor):
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+class _ChunkedMaskedSum(torch.autograd.Function):
+    """Σ over kept positions of ``row_values(*rows)``, a chunk of positions at a time, in forward and backward.
+
+    The forward keeps no intermediate. The backward recomputes each chunk with autograd and writes its
+    gradient into one buffer per differentiable input: slicing inside autograd instead would allocate a
+    whole-input gradient per chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, row_values, keep, chunk, *tensors):
+        ctx.row_values, ctx.chunk = row_values, chunk
+        ctx.save_for_backward(keep, *tensors)
+        total = torch.zeros((), dtype=_upcast(tensors[0]).dtype, device=tensors[0].device)
+        for _, rows, kept in _chunks(tensors, keep, chunk):
+            total += row_values(*rows)[kept].sum()
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        keep, *tensors = ctx.saved_tensors
+        wanted = ctx.needs_input_grad[3:]
+        grads = [torch.zeros_like(tensor) if needed else None for tensor, needed in zip(tensors, wanted)]
+        for start, rows, kept in _chunks(tensors, keep, ctx.chunk):
+            rows = [row.detach().requires_grad_(needed) for row, needed in zip(rows, wanted)]
+            with torch.enable_grad():
+                chunk_total = ctx.row_values(*rows)[kept].sum()
+            inputs = [row for row, needed in zip(rows, wanted) if needed]
+            for grad, chunk_grad in zip([g for g in grads if g is not None],
+                                        torch.autograd.grad(chunk_total, inputs, grad_total)):
+                grad[start:start + len(kept)] = chunk_grad
+        return (None, None, None, *grads)
+
+
+def _chunks(tensors, keep, chunk):
+    """``(first position, rows of each tensor, kept flags)`` per chunk, skipping chunks with no kept position."""
+    for start in range(0, keep.numel(), chunk):
+        kept = keep[start:start + chunk]
+        if kept.any():
+            yield start, [tensor[start:start + chunk] for tensor in tensors], kept
+
+
+def _masked_sum(row_values, tensors, mask):
+    """Sum of ``row_values(*rows)`` over the positions where ``mask`` is true, computed in chunks of positions."""
+    flat = [tensor.reshape(mask.numel(), *tensor.shape[mask.dim():]) for tensor in tensors]
+    width = flat[0].shape[-1] if flat[0].dim() > 1 else 1
+    return _ChunkedMaskedSum.apply(row_values, mask.reshape(-1), max(1, CHUNK_ELEMENTS // width), *flat)
+
+
+def _average(total, mask, n_tokens):
+    count = mask.sum() if n_tokens is None else n_tokens
+    return total / torch.as_tensor(count, dtype=total.dtype, device=total.device).clamp_min(1)
+
+
+def _kl_rows(log_p, log_q):
+    """KL(p ‖ q) = Σ_v p (log p − log q) per row."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def divergence_rows(student_logits, teacher_logits, temperature, divergence="forward_kl", jsd_beta=0.5):
+    """Per-position divergence between the teacher's and the student's distributions at ``temperature``.
+
+    ``forward_kl``: KL(teacher ‖ student), the paper's. ``reverse_kl``: KL(student ‖ teacher) (MiniLLM).
+    ``jsd``: generalised Jensen–Shannon with mixture m = β·p_teacher + (1−β)·p_student,
+    β·KL(teacher ‖ m) + (1−β)·KL(student ‖ m) (GKD); β = 0.5 is the usual JSD.
+    """
+    log_student = F.log_softmax(_upcast(student_logits) / temperature, dim=-1)
+    log_teacher = F.log_softmax(_upcast(teacher_logits) / temperature, dim=-1)
+    if divergence == "forward_kl":
+        return _kl_rows(log_teacher, log_student)
+    if divergence == "reverse_kl":
+        return _kl_rows(log_student, log_teacher)
+    if divergence == "jsd":
+        log_mixture = torch.logaddexp(log_teacher + math.log(jsd_beta), log_student + math.log1p(-jsd_beta))
+        return jsd_beta * _kl_rows(log_teacher, log_mixture) + (1 - jsd_beta) * _kl_rows(log_student, log_mixture)
+    raise ValueError(f"unknown divergence {divergence!r}; choose from {', '.join(DIVERGENCES)}")
+
+
+def kd_loss(student_logits, teacher_logits, mask, temperature=2.0, divergence="forward_kl", jsd_beta=0.5,
+            n_tokens=None):
+    """T² · divergence(teacher, student at temperature T), averaged over real tokens.
+
+    The T² keeps the gradient's scale independent of T (Hinton et al., 2015); it applies to every divergence.
+    """
+    rows = functools.partial(divergence_rows, temperature=temperature, divergence=divergence, jsd_beta=jsd_beta)
+    return temperature ** 2 * _average(_masked_sum(rows, (student_logits, teacher_logits), mask), mask, n_tokens)
+
+
+def _cross_entropy_rows(logits, targets):
+    return F.cross_entropy(_upcast(logits), targets, reduction="none")
+
+
+def lm_loss(student_logits, targets, n_tokens=None):
+    """Next-token cross-entropy, averaged over the positions with a target (``targets`` from next_token_targets)."""
+    mask = targets != IGNORE_INDEX
+    return _average(_masked_sum(_cross_entropy_rows, (student_logits, targets), mask), mask, n_tokens)
+
+
+def _cosine_distance_rows(student_hidden, teacher_hidden):
+    return 1 - F.cosine_similarity(_upcast(student_hidden), _upcast(teacher_hidden), dim=-1)
+
+
+def cosine_loss(student_hidden, teacher_hidden, mask, n_tokens=None):
+    """1 − cos(student's, teacher's last hidden state), averaged over real tokens. Needs equal hidden sizes."""
+    return _average(_masked_sum(_cosine_distance_rows, (student_hidden, teacher_hidden), mask), mask, n_tokens)
+
+
+def _squared_error_rows(student_logits, teacher_logits):
+    return (_upcast(student_logits) - _upcast(teacher_logits)).pow(2).sum(-1)
+
+
+def mse_loss(student_logits, teacher_logits, mask, n_tokens=None):
+    """‖z_student − z_teacher‖² summed over the vocabulary, averaged over real tokens (the original's MSE)."""
+    return _average(_masked_sum(_squared_error_rows, (student_logits, teacher_logits), mask), mask, n_tokens)

@@ -1,0 +1,122 @@
+"""The distillation losses against direct computations: zero at teacher = student, masking, gradients."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmcompress import losses
+from lmcompress.losses import DIVERGENCES, IGNORE_INDEX, cosine_loss, kd_loss, lm_loss, mse_loss, next_token_targets
+
+VOCAB = 11
+
+
+def batch(dtype=torch.float32, seed=0):
+    """Student and teacher logits for 2 rows of 6 positions; the second row's last 2 positions are padding."""
+    generator = torch.Generator().manual_seed(seed)
+    student = torch.randn(2, 6, VOCAB, generator=generator, dtype=dtype) * 2
+    teacher = torch.randn(2, 6, VOCAB, generator=generator, dtype=dtype) * 2
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    return student, teacher, mask
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_kd_loss_is_zero_when_teacher_equals_student(divergence):
+    student, _, mask = batch()
+    loss = kd_loss(student, student.clone(), mask, temperature=2.0, divergence=divergence, jsd_beta=0.3)
+    assert abs(loss.item()) < 1e-6
+
+
+def test_forward_kl_matches_direct_computation():
+    student, teacher, mask = batch(torch.float64)
+    temperature = 2.0
+    p_teacher = F.softmax(teacher / temperature, dim=-1)
+    per_position = (p_teacher * (p_teacher.log() - F.log_softmax(student / temperature, dim=-1))).sum(-1)
+    expected = temperature ** 2 * per_position[mask].sum() / mask.sum()
+    assert torch.allclose(kd_loss(student, teacher, mask, temperature), expected, atol=1e-12)
+
+
+def test_reverse_kl_and_jsd_match_direct_computations():
+    student, teacher, mask = batch(torch.float64)
+    p_s, p_t = F.softmax(student, dim=-1), F.softmax(teacher, dim=-1)
+    kl = lambda p, q: (p * (p.log() - q.log())).sum(-1)  # noqa: E731
+    beta = 0.3
+    mixture = beta * p_t + (1 - beta) * p_s
+    expected = {"reverse_kl": kl(p_s, p_t), "jsd": beta * kl(p_t, mixture) + (1 - beta) * kl(p_s, mixture)}
+    for divergence, per_position in expected.items():
+        loss = kd_loss(student, teacher, mask, 1.0, divergence, jsd_beta=beta)
+        assert torch.allclose(loss, per_position[mask].mean(), atol=1e-12), divergence
+
+
+def test_lm_loss_matches_cross_entropy_on_shifted_labels():
+    student, _, mask = batch(torch.float64)
+    labels = torch.randint(0, VOCAB, (2, 6))
+    labels[1, 4:] = IGNORE_INDEX
+    expected = F.cross_entropy(student[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1))
+    assert torch.allclose(lm_loss(student, next_token_targets(labels)), expected, atol=1e-12)
+
+
+def test_cosine_and_mse_match_direct_computations():
+    student, teacher, mask = batch(torch.float64)
+    cosine = 1 - F.cosine_similarity(student, teacher, dim=-1)
+    assert torch.allclose(cosine_loss(student, teacher, mask), cosine[mask].mean(), atol=1e-12)
+    squared = (student - teacher).pow(2).sum(-1)
+    assert torch.allclose(mse_loss(student, teacher, mask), squared[mask].mean(), atol=1e-12)
+
+
+def test_padding_positions_do_not_change_any_loss():
+    student, teacher, mask = batch()
+    labels = torch.randint(0, VOCAB, (2, 6))
+    labels[1, 4:] = IGNORE_INDEX
+    targets = next_token_targets(labels)
+    noisy_student, noisy_teacher = student.clone(), teacher.clone()
+    noisy_student[~mask] = torch.randn_like(noisy_student[~mask]) * 50
+    noisy_teacher[~mask] = torch.randn_like(noisy_teacher[~mask]) * 50
+    for divergence in DIVERGENCES:
+        assert kd_loss(student, teacher, mask, 2.0, divergence) == kd_loss(noisy_student, noisy_teacher, mask, 2.0,
+                                                                           divergence)
+    assert lm_loss(student, targets) == lm_loss(noisy_student, targets)
+    assert cosine_loss(student, teacher, mask) == cosine_loss(noisy_student, noisy_teacher, mask)
+    assert mse_loss(student, teacher, mask) == mse_loss(noisy_student, noisy_teacher, mask)
+
+
+def test_n_tokens_sums_micro_batches_into_the_whole_batch_average():
+    student, teacher, mask = batch()
+    whole = kd_loss(student, teacher, mask)
+    n_tokens = mask.sum()
+    parts = sum(kd_loss(student[i:i + 1], teacher[i:i + 1], mask[i:i + 1], n_tokens=n_tokens) for i in range(2))
+    assert torch.allclose(parts, whole, atol=1e-6)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_kd_gradient_check(divergence):
+    student, teacher, mask = batch(torch.float64)
+    student.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda s: kd_loss(s, teacher, mask, 1.7, divergence, jsd_beta=0.4), (student,))
+
+
+def test_other_terms_gradient_check():
+    student, teacher, mask = batch(torch.float64)
+    student.requires_grad_(True)
+    targets = next_token_targets(torch.randint(0, VOCAB, (2, 6)))
+    assert torch.autograd.gradcheck(lambda s: lm_loss(s, targets), (student,))
+    assert torch.autograd.gradcheck(lambda s: cosine_loss(s, teacher, mask), (student,))
+    assert torch.autograd.gradcheck(lambda s: mse_loss(s, teacher, mask), (student,))
+
+
+def test_chunking_gives_the_same_loss_and_gradient(monkeypatch):
+    student, teacher, mask = batch(torch.float64)
+    mask[0, 2:4] = False  # with 2 positions per chunk, the second chunk is all padding
+    student.requires_grad_(True)
+    whole = kd_loss(student, teacher, mask)
+    (whole_grad,) = torch.autograd.grad(whole, student)
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", VOCAB * 2)
+    chunked = kd_loss(student, teacher, mask)
+    (chunked_grad,) = torch.autograd.grad(chunked, student)
+    assert torch.allclose(whole, chunked, atol=1e-12) and torch.allclose(whole_grad, chunked_grad, atol=1e-12)
+
+
+def test_half_precision_logits_are_computed_in_float32():
+    student, teacher, mask = batch()
+    loss = kd_loss(student.bfloat16(), teacher.bfloat16(), mask)
+    assert loss.dtype == torch.float32
+    assert torch.allclose(loss, kd_loss(student.bfloat16().float(), teacher.bfloat16().float(), mask), atol=1e-5)
