@@ -238,6 +238,9 @@ def batches(documents):
             if previous is not None:
                 batch.append((split, previous, False))
                 size += len(previous)
+                if size >= BATCH_CHARS:
+                    yield batch
+                    batch, size = [], 0
             previous = piece
         batch.append((split, previous or "", True))
         size += len(previous or "")
