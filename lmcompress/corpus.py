@@ -4,7 +4,7 @@ Two parts, so one can stand in for a pre-training corpus and the other for a fin
   * ``docstrings``: module, class and function docstrings of the standard library's sources, read with
     ``ast`` (nothing is imported, so no module's import-time side effects run);
   * ``topics``: the ``pydoc_data`` help topics (the language reference as plain text).
-Documents are separated by a blank line; the order is deterministic for a given Python version.
+Each part yields documents in an order that is deterministic for a given Python version.
 """
 import ast
 import sysconfig
@@ -49,18 +49,3 @@ def topics():
         yield table[name].strip()
 
 
-PARTS = {"docstrings": docstrings, "topics": topics}
-
-
-def corpus_text(part):
-    return "\n\n".join(PARTS[part]()) + "\n"
-
-
-def write_corpus(part, path):
-    """Write one part to ``path`` (atomically) and return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(corpus_text(part), encoding="utf-8")
-    tmp.replace(path)
-    return path

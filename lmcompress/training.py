@@ -169,12 +169,20 @@ def save_final_model(trainer, output_dir):
     trainer.accelerator.wait_for_everyone()
 
 
+def count_parameters(model):
+    """Parameters of the model, also when ZeRO-3 has partitioned them (``ds_numel`` is the full size)."""
+    return sum(getattr(parameter, "ds_numel", parameter.numel()) for parameter in model.parameters())
+
+
 def train_and_evaluate(trainer, resume):
     """Train, save the final model, evaluate, and write ``train_results.json`` / ``eval_results.json``."""
     training_args = trainer.args
     result = trainer.train(resume_from_checkpoint=resume)
     save_final_model(trainer, training_args.output_dir)
-    metrics = dict(result.metrics)
+    tokens_per_step = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+                       * training_args.world_size * trainer.block_size)
+    metrics = {**result.metrics, "train_tokens": trainer.state.global_step * tokens_per_step,
+               "n_parameters": count_parameters(trainer.model)}
     if trainer.is_world_process_zero():
         write_json(os.path.join(training_args.output_dir, "train_results.json"), metrics)
         trainer.state.save_to_json(os.path.join(training_args.output_dir, "trainer_state.json"))

@@ -1,0 +1,74 @@
+"""Inputs of the offline mini reproduction: corpora and a tokenizer that every machine with Python has.
+
+    python -m lmcompress.mini --output_dir outputs/reproduce-mini/inputs
+
+Writes ``pretrain.txt`` (the standard library's docstrings: the stand-in for OpenWebText),
+``finetune-{train,validation,test}.txt`` (the ``pydoc_data`` topics, by topic: every tenth topic goes to
+test, the next to validation, the rest to train: the stand-in for WikiText-103), and ``tokenizer/``: GPT-2's
+BPE when the hub cache has it, else a byte-level BPE trained on the pre-training text. ``inputs.json`` is
+written last and marks the folder complete.
+"""
+import argparse
+import json
+from pathlib import Path
+
+from .corpus import docstrings, topics
+from .jsonio import write_json
+from .vocab import train_bpe_tokenizer
+
+MINI_VOCAB_SIZE = 8192
+
+
+def finetune_split(index):
+    return {0: "test", 1: "validation"}.get(index % 10, "train")
+
+
+def write_text(path, documents):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n\n".join(documents) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def cached_gpt2_tokenizer(folder):
+    """GPT-2's tokenizer from the local hub cache, saved into ``folder``; None when the cache lacks it."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained("gpt2", local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def prepare(output_dir, vocab_size=MINI_VOCAB_SIZE):
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    pretrain = list(docstrings())
+    write_text(output_dir / "pretrain.txt", pretrain)
+    finetune = {"train": [], "validation": [], "test": []}
+    for index, document in enumerate(topics()):
+        finetune[finetune_split(index)].append(document)
+    for split, documents in finetune.items():
+        write_text(output_dir / f"finetune-{split}.txt", documents)
+    tokenizer = cached_gpt2_tokenizer(output_dir / "tokenizer")
+    source = "gpt2 (hub cache)"
+    if tokenizer is None:
+        tokenizer = train_bpe_tokenizer(pretrain, vocab_size, output_dir / "tokenizer", model_max_length=1024)
+        source = f"byte-level BPE trained on pretrain.txt, {vocab_size} tokens"
+    record = {"tokenizer": source, "vocab_size": len(tokenizer),
+              "documents": {"pretrain": len(pretrain), **{f"finetune-{k}": len(v) for k, v in finetune.items()}}}
+    write_json(output_dir / "inputs.json", record)
+    return record
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--vocab_size", type=int, default=MINI_VOCAB_SIZE)
+    args = parser.parse_args(argv)
+    print(json.dumps(prepare(args.output_dir, args.vocab_size)))
+
+
+if __name__ == "__main__":
+    main()

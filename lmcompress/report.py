@@ -1,0 +1,164 @@
+"""The results of reproduce.sh: ``results.md``, ``results.csv`` and ``results.png`` under its OUTPUT_ROOT.
+
+    python -m lmcompress.report --output_root outputs/reproduce-mini --prompt "The for statement"
+
+Reads the folders that reproduce.sh writes: ``<row>/pretrain`` or ``<row>/distil`` (the first stage, when the
+row has one), ``<row>/finetune`` (with ``eval_results.json`` and the test ``perplexity.json``),
+``truncated/<strategy>/truncation.json`` and ``timings/<row>-<stage>.seconds``.
+"""
+import argparse
+import csv
+import json
+import math
+from pathlib import Path
+
+ROWS = [
+    ("teacher", "teacher, fine-tuned", None),
+    ("random-init", "student from random init, fine-tuned", None),
+    ("first", "student `first` (truncation), fine-tuned", "first"),
+    ("distil-kd", "student `distil` + distillation, fine-tuned", "distil"),
+    ("alt-pretrain", "student `alt` + pre-training, fine-tuned", "alt"),
+    ("alt-kd", "student `alt` + distillation, fine-tuned", "alt"),
+]
+FIRST_STAGES = ("pretrain", "distil")
+COLUMNS = ["model", "route", "layers", "parameters", "stage1_tokens", "stage1_seconds", "finetune_tokens",
+           "finetune_seconds", "validation_ppl", "test_ppl", "test_word_ppl"]
+
+
+def read_json(path):
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def seconds(root, name):
+    path = Path(root) / "timings" / f"{name}.seconds"
+    return float(path.read_text()) if path.is_file() else None
+
+
+def first_stage(root, row):
+    for stage in FIRST_STAGES:
+        if (Path(root) / row / stage / "train_results.json").is_file():
+            return stage
+    return None
+
+
+def layers_kept(root, row, strategy, n_layer):
+    if strategy is None:
+        return f"all {n_layer}" if row == "teacher" else f"{n_layer} (random)"
+    record = read_json(Path(root) / "truncated" / strategy / "truncation.json")
+    return ",".join(map(str, record.get("layers", []))) or "?"
+
+
+def collect_row(root, row, description, strategy):
+    finetune = Path(root) / row / "finetune"
+    config = read_json(finetune / "config.json")
+    stage = first_stage(root, row)
+    stage_results = read_json(Path(root) / row / stage / "train_results.json") if stage else {}
+    test = read_json(finetune / "perplexity.json")
+    return {
+        "model": row, "route": description,
+        "layers": layers_kept(root, row, strategy, config.get("n_layer")),
+        "parameters": read_json(finetune / "train_results.json").get("n_parameters"),
+        "stage1_tokens": stage_results.get("train_tokens"),
+        "stage1_seconds": seconds(root, f"{row}-{stage}") if stage else None,
+        "finetune_tokens": read_json(finetune / "train_results.json").get("train_tokens"),
+        "finetune_seconds": seconds(root, f"{row}-finetune"),
+        "validation_ppl": read_json(finetune / "eval_results.json").get("perplexity"),
+        "test_ppl": test.get("perplexity"), "test_word_ppl": test.get("word_perplexity"),
+    }
+
+
+def greedy_continuation(model_dir, prompt, max_new_tokens=24):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        output = model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
+
+
+def fmt(value, digits=2):
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}" if math.isfinite(value) else str(value)
+    return f"{value:,}"
+
+
+def write_markdown(path, rows, samples, prompt, title):
+    header = ["model", "route", "layers kept", "parameters", "pre-train/distil tokens", "time (s)",
+              "fine-tune tokens", "time (s)", "valid ppl", "test ppl", "test word ppl"]
+    lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append("| " + " | ".join([row["model"], row["route"], row["layers"], fmt(row["parameters"]),
+                                        fmt(row["stage1_tokens"]), fmt(row["stage1_seconds"], 0),
+                                        fmt(row["finetune_tokens"]), fmt(row["finetune_seconds"], 0),
+                                        fmt(row["validation_ppl"]), fmt(row["test_ppl"]),
+                                        fmt(row["test_word_ppl"])]) + " |")
+    lines += ["", f"Greedy continuations of the prompt `{prompt}`:", ""]
+    lines += [f"- **{row}**: {text!r}" for row, text in samples.items()]
+    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def loss_history(folder, key):
+    history = read_json(Path(folder) / "trainer_state.json").get("log_history", [])
+    points = [(entry["step"], entry[key]) for entry in history if key in entry]
+    return [step for step, _ in points], [value for _, value in points]
+
+
+def write_plot(path, root, rows):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for row in rows:
+        name = row["model"]
+        stage = first_stage(root, name)
+        if stage:
+            key = "loss_clm" if stage == "distil" else "loss"
+            steps, values = loss_history(Path(root) / name / stage, key)
+            left.plot(steps, values, label=f"{name} ({stage}{', LM term' if stage == 'distil' else ''})")
+        steps, values = loss_history(Path(root) / name / "finetune", "loss")
+        line, = right.plot(steps, values, label=f"{name} train")
+        steps, values = loss_history(Path(root) / name / "finetune", "eval_loss")
+        right.plot(steps, values, "o--", color=line.get_color(), label=f"{name} valid")
+    left.set(title="Pre-training / distillation: LM loss", xlabel="optimizer step", ylabel="cross-entropy (nats)")
+    right.set(title="Fine-tuning", xlabel="optimizer step", ylabel="cross-entropy (nats)")
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output_root", required=True)
+    parser.add_argument("--prompt", default="The")
+    parser.add_argument("--title", default="Compressing a decoder LM: truncation, pre-training and distillation")
+    args = parser.parse_args(argv)
+    root = Path(args.output_root)
+    rows = [collect_row(root, *row) for row in ROWS if (root / row[0] / "finetune" / "perplexity.json").is_file()]
+    samples = {row["model"]: greedy_continuation(root / row["model"] / "finetune", args.prompt) for row in rows}
+    write_markdown(root / "results.md", rows, samples, args.prompt, args.title)
+    write_csv(root / "results.csv", rows)
+    write_plot(root / "results.png", root, rows)
+    print((root / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
