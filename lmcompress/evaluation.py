@@ -29,6 +29,10 @@ class EvaluationArguments:
     output_file: str = dataclasses.field(default=None, metadata={"help": "JSON result (default: MODEL/perplexity.json)"})
     local_rank: int = dataclasses.field(default=-1, metadata={"help": "legacy torch.distributed.launch flag"})
 
+    def __post_init__(self):
+        if self.deepspeed:
+            deepspeed_support.read_config(self.deepspeed)
+
 
 def init_distributed():
     """Rank, world size and device from the launcher's environment (torchrun, deepspeed, torch.distributed.launch)."""

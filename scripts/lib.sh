@@ -54,6 +54,7 @@ run_deepspeed() {
   local script=$1; shift
   local config=$DS_CONFIG resources=()
   if [[ ! -f "$config" && -f "$REPO/$config" ]]; then config=$REPO/$config; fi
+  if [[ ! -f "$config" ]]; then echo "$(basename "$0"): error: DS_CONFIG=$DS_CONFIG: no such file" >&2; exit 2; fi
   if [[ -n "${INCLUDE:-}${EXCLUDE:-}" ]]; then resources=(${INCLUDE:+--include "$INCLUDE"} ${EXCLUDE:+--exclude "$EXCLUDE"})
   elif [[ -z "${HOSTFILE:-}" ]]; then resources=(--num_gpus "$NPROC_PER_NODE")
   fi
