@@ -1,0 +1,339 @@
+"""distiller.py: distil a frozen teacher into a student with the HuggingFace Trainer (a compute_loss override).
+
+Loss = alpha_ce·T²·D(teacher, student at T) + alpha_clm·LM + alpha_cos·(1 − cos of last hidden states)
+       + alpha_mse·MSE of logits,
+every term averaged over the positions that predict a real next token (``labels[t + 1] != -100``). Batches
+carry these targets as ``shift_labels``, which the Trainer counts for ``num_items_in_batch`` over the
+micro-batches of one optimiser step and over ranks. Dividing every micro-batch's sums by that count makes k
+accumulated micro-batches, or n ranks, give the loss and gradient of one batch k (or n) times larger.
+"""
+import dataclasses
+import json
+import os
+import sys
+
+import torch
+from transformers import default_data_collator
+
+from .data import DataArguments
+from .errors import UserError, entry_point
+from .jsonio import write_json
+from .losses import DIVERGENCES, IGNORE_INDEX, cosine_loss, kd_loss, lm_loss, mse_loss, next_token_targets
+from .models import load_causal_lm, load_config
+from .training import (LMTrainer, ProjectTrainingArguments, autocast_dtype, parse_training_args, prepare_data,
+                       prepare_run, train_and_evaluate)
+from .truncation import TRUNCATION_FILE
+from .vocab import load_tokenizer, tokenizer_fingerprint
+
+DISTILLATION_FILE = "distillation.json"
+GPT2_FAMILY = ("gpt2",)
+
+# The original distiller's flags that map one to one onto this one's, and those that have no meaning here.
+LEGACY_RENAMES = {"--n_epoch": "--num_train_epochs", "--batch_size": "--per_device_train_batch_size",
+                  "--dump_path": "--output_dir", "--warmup_prop": "--warmup_ratio",
+                  "--teacher_name": "--teacher_name_or_path", "--force": "--overwrite_output_dir"}
+LEGACY_IGNORED = {"--student_type": "the model type is read from the config",
+                  "--teacher_type": "the model type is read from the config",
+                  "--n_gpu": "the launcher sets the processes (NPROC_PER_NODE, torchrun)",
+                  "--fp16_opt_level": "mixed precision is native torch.amp (--fp16 or --bf16)"}
+
+
+def translate_legacy_flags(argv):
+    """Rewrite the original distiller's flag names; return the new argv and a note per translated flag."""
+    translated, notes = [], []
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        flag, has_inline_value, value = arg.partition("=")
+        if flag in LEGACY_IGNORED:
+            if not has_inline_value and args and not args[0].startswith("--"):
+                value = args.pop(0)
+            notes.append(f"{flag}{' ' + value if value else ''}: ignored, {LEGACY_IGNORED[flag]}")
+        elif flag in LEGACY_RENAMES:
+            new_flag = LEGACY_RENAMES[flag]
+            translated.append(f"{new_flag}={value}" if has_inline_value else new_flag)
+            notes.append(f"{flag} is now {new_flag}")
+        else:
+            translated.append(arg)
+    return translated, notes
+
+
+def _flag(default, help_text):
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
+@dataclasses.dataclass
+class DistillationArguments:
+    teacher_name_or_path: str = _flag(None, "teacher: hub name or model folder")
+    student_name_or_path: str = _flag(None, "student folder, e.g. from truncate.py")
+    student_config: str = _flag(None, "student config JSON: a new student")
+    student_pretrained_weights: str = _flag(None, "with --student_config: a state dict (.bin, .pth, .safetensors) "
+                                                  "or model folder")
+    tokenizer_name: str = _flag(None, "tokenizer (default: the student's, else the teacher's)")
+    temperature: float = _flag(2.0, "softmax temperature of the KD term")
+    alpha_ce: float = _flag(5.0, "weight of T²·divergence(teacher, student)")
+    alpha_clm: float = _flag(2.0, "weight of the student's LM loss")
+    alpha_cos: float = _flag(1.0, "weight of 1 − cosine of the last hidden states")
+    alpha_mse: float = _flag(0.0, "weight of the MSE of logits")
+    divergence: str = _flag("forward_kl", "KD divergence: " + ", ".join(DIVERGENCES))
+    jsd_beta: float = _flag(0.5, "with --divergence jsd: the teacher's share of the mixture, in (0, 1)")
+    freeze_pos_embs: bool = _flag(False, "do not train the position embeddings")
+
+    def __post_init__(self):
+        if not self.teacher_name_or_path:
+            raise UserError("--teacher_name_or_path is required")
+        if bool(self.student_name_or_path) == bool(self.student_config):
+            raise UserError("give --student_name_or_path (a model folder) or --student_config (a config JSON), "
+                            "exactly one")
+        if self.student_pretrained_weights and not self.student_config:
+            raise UserError("--student_pretrained_weights goes with --student_config")
+        for name, value in self.alphas().items():
+            if value < 0:
+                raise UserError(f"--{name} {value}: the loss weights must be zero or positive")
+        if not any(self.alphas().values()):
+            raise UserError("all loss weights are zero: set at least one of --alpha_ce, --alpha_clm, --alpha_cos, "
+                            "--alpha_mse above zero")
+        if not self.temperature > 0:
+            raise UserError(f"--temperature {self.temperature}: must be above zero")
+        if self.divergence not in DIVERGENCES:
+            raise UserError(f"--divergence {self.divergence}: choose from {', '.join(DIVERGENCES)}")
+        if not 0 < self.jsd_beta < 1:
+            raise UserError(f"--jsd_beta {self.jsd_beta}: must be between 0 and 1 (exclusive)")
+
+    def alphas(self):
+        return {"alpha_ce": self.alpha_ce, "alpha_clm": self.alpha_clm, "alpha_cos": self.alpha_cos,
+                "alpha_mse": self.alpha_mse}
+
+    def uses_teacher(self):
+        return any((self.alpha_ce, self.alpha_cos, self.alpha_mse))
+
+
+def loss_terms(args, student, teacher, targets, n_tokens):
+    """The loss terms, unweighted, by log name: those whose weight is above zero."""
+    mask = targets != IGNORE_INDEX
+    terms = {}
+    if args.alpha_ce:
+        terms["loss_ce"] = kd_loss(student.logits, teacher.logits, mask, args.temperature, args.divergence,
+                                   args.jsd_beta, n_tokens)
+    if args.alpha_clm:
+        terms["loss_clm"] = lm_loss(student.logits, targets, n_tokens)
+    if args.alpha_cos:
+        terms["loss_cos"] = cosine_loss(student.hidden_states[-1], teacher.hidden_states[-1], mask, n_tokens)
+    if args.alpha_mse:
+        terms["loss_mse"] = mse_loss(student.logits, teacher.logits, mask, n_tokens)
+    return terms
+
+
+WEIGHTS = {"loss_ce": "alpha_ce", "loss_clm": "alpha_clm", "loss_cos": "alpha_cos", "loss_mse": "alpha_mse"}
+
+
+def weighted_sum(args, terms):
+    return sum(getattr(args, WEIGHTS[name]) * value for name, value in terms.items())
+
+
+def distillation_collator(features):
+    """Blocks plus their next-token targets as ``shift_labels``.
+
+    The Trainer counts ``shift_labels`` when present; otherwise it counts ``labels`` whole for GPT-2 (whose class
+    name it does not recognise as a causal LM), one token per row more than the positions that predict one.
+    """
+    batch = default_data_collator(features)
+    batch["shift_labels"] = next_token_targets(batch["labels"])
+    return batch
+
+
+class DistillationTrainer(LMTrainer):
+    """LMTrainer whose training loss is the distillation loss; evaluation stays the student's perplexity."""
+
+    loss_is_scaled_for_ga = True  # compute_loss normalises over the whole accumulated batch itself
+
+    def __init__(self, *args, teacher, distillation_args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.distillation_args = distillation_args
+        self.teacher = teacher.to(self.args.device, dtype=autocast_dtype(self.args)).eval().requires_grad_(False)
+        self._term_sums, self._term_tokens = {}, 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args = self.distillation_args
+        targets = inputs["shift_labels"] if "shift_labels" in inputs else next_token_targets(inputs["labels"])
+        forward_inputs = {key: inputs[key] for key in ("input_ids", "attention_mask") if key in inputs}
+        student = model(**forward_inputs, output_hidden_states=bool(args.alpha_cos))
+        teacher = self.teacher_outputs(forward_inputs) if args.uses_teacher() else None
+        n_tokens, scale = self.normaliser(targets, num_items_in_batch)
+        terms = loss_terms(args, student, teacher, targets, n_tokens)
+        loss = weighted_sum(args, terms)
+        if model.training:
+            self.record_terms(terms, n_tokens, targets)
+        loss = loss * scale
+        return (loss, student) if return_outputs else loss
+
+    @torch.no_grad()
+    def teacher_outputs(self, forward_inputs):
+        return self.teacher(**forward_inputs, output_hidden_states=bool(self.distillation_args.alpha_cos))
+
+    def normaliser(self, targets, num_items_in_batch):
+        """The token count to divide by and the factor to multiply the loss by.
+
+        With ``num_items_in_batch`` (the real tokens of the step's micro-batches, over all ranks when
+        ``average_tokens_across_devices``), the sums are divided by it and multiplied by the number of ranks,
+        since DDP averages the ranks' gradients. Without it, each micro-batch is averaged over its own tokens and
+        divided by the accumulation steps: exact when every micro-batch holds as many tokens, as blocks do.
+        """
+        if num_items_in_batch is None:
+            local = (targets != IGNORE_INDEX).sum()
+            return local * self.current_gradient_accumulation_steps, 1
+        across_ranks = self.args.average_tokens_across_devices and self.accelerator.num_processes > 1
+        return num_items_in_batch, self.accelerator.num_processes if across_ranks else 1
+
+    def record_terms(self, terms, n_tokens, targets):
+        for name, value in terms.items():
+            self._term_sums[name] = self._term_sums.get(name, 0.0) + value.detach().double() * n_tokens
+        self._term_tokens = self._term_tokens + (targets != IGNORE_INDEX).sum()
+
+    def log(self, logs, start_time=None):
+        """Add each loss term, token-averaged over the steps since the last log and over all ranks."""
+        if "loss" in logs and self._term_sums:
+            names = sorted(self._term_sums)
+            totals = torch.stack([torch.as_tensor(self._term_sums[name], dtype=torch.float64, device=self.args.device)
+                                  for name in names] +
+                                 [torch.as_tensor(self._term_tokens, dtype=torch.float64, device=self.args.device)])
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(totals)
+            for name, total in zip(names, totals[:-1]):
+                logs[name] = (total / totals[-1].clamp_min(1)).item()
+            self._term_sums, self._term_tokens = {}, 0
+        super().log(logs, start_time)
+
+
+def read_state_dict(path, flag="--student_pretrained_weights"):
+    """A state dict from a .safetensors / .bin / .pth file, or from the weights file of a model folder."""
+    if os.path.isdir(path):
+        candidates = [os.path.join(path, name) for name in ("model.safetensors", "pytorch_model.bin")]
+        found = [candidate for candidate in candidates if os.path.isfile(candidate)]
+        if not found:
+            raise UserError(f"{flag} {path}: the folder holds no model.safetensors or pytorch_model.bin")
+        path = found[0]
+    elif not os.path.isfile(path):
+        raise UserError(f"{flag} {path}: no such file")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch and safetensors raise many kinds on a bad file
+        raise UserError(f"{flag} {path}: cannot read a state dict: {' '.join(str(err).split())[:200]}") from err
+    if not isinstance(state, dict):
+        raise UserError(f"{flag} {path}: holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def load_student_weights(model, state, flag="--student_pretrained_weights"):
+    """Load ``state`` into ``model`` after checking every name and shape against the config."""
+    expected = model.state_dict()
+    # Old transformers stored the causal-mask buffers; they are not weights.
+    state = {name: tensor for name, tensor in state.items() if not name.endswith((".attn.bias", ".attn.masked_bias"))}
+    for name, tensor in state.items():
+        if name not in expected:
+            raise UserError(f"{flag}: unexpected weight {name}: the weights are not of a --student_config model")
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise UserError(f"{flag}: {name} has shape {tuple(tensor.shape)} but --student_config needs "
+                            f"{tuple(expected[name].shape)}")
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    missing = sorted(set(expected) - set(state) - tied)
+    if missing:
+        raise UserError(f"{flag}: {len(missing)} weights missing, e.g. {missing[0]}")
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def check_student_config(config, flag):
+    if config.model_type not in GPT2_FAMILY:
+        raise UserError(f"{flag}: a {config.model_type} config; the student must be a GPT-2-family model "
+                        f"(model_type {', '.join(GPT2_FAMILY)})")
+
+
+def check_compatible(args, teacher_config, student_config, teacher_tokenizer, student_tokenizer):
+    """The student learns the teacher's distribution token by token: same vocabulary, same token ids."""
+    if teacher_config.vocab_size != student_config.vocab_size:
+        raise UserError(f"the teacher's vocabulary has {teacher_config.vocab_size} entries and the student's "
+                        f"{student_config.vocab_size}: distillation needs the same vocabulary")
+    if tokenizer_fingerprint(teacher_tokenizer) != tokenizer_fingerprint(student_tokenizer):
+        raise UserError(f"the teacher's tokenizer ({args.teacher_name_or_path}) differs from the student's "
+                        f"({student_tokenizer.name_or_path}): distillation needs the same tokenizer")
+    if args.alpha_cos and teacher_config.n_embd != student_config.n_embd:
+        raise UserError(f"--alpha_cos {args.alpha_cos}: the teacher's hidden size {teacher_config.n_embd} differs "
+                        f"from the student's {student_config.n_embd}; the cosine term needs equal sizes: set "
+                        "--alpha_cos 0")
+
+
+def load_student(args, config):
+    if args.student_name_or_path:
+        return load_causal_lm(config, args.student_name_or_path, "--student_name_or_path")
+    model = load_causal_lm(config)
+    if args.student_pretrained_weights:
+        load_student_weights(model, read_state_dict(args.student_pretrained_weights))
+    return model
+
+
+def freeze_position_embeddings(model):
+    model.transformer.wpe.weight.requires_grad_(False)
+
+
+def distillation_record(args):
+    record = {"teacher": args.teacher_name_or_path, "student": args.student_name_or_path or args.student_config,
+              "student_pretrained_weights": args.student_pretrained_weights, "temperature": args.temperature,
+              "divergence": args.divergence, **args.alphas(), "freeze_pos_embs": args.freeze_pos_embs}
+    if args.divergence == "jsd":
+        record["jsd_beta"] = args.jsd_beta
+    truncation = os.path.join(args.student_name_or_path or "", TRUNCATION_FILE)
+    if args.student_name_or_path and os.path.isfile(truncation):
+        record["student_truncation"] = json.loads(open(truncation, encoding="utf-8").read())
+    return record
+
+
+def build_trainer(argv=None):
+    """Parse distiller.py's flags, check and load everything; returns ``(trainer, checkpoint_to_resume)``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    argv, notes = translate_legacy_flags(argv)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for note in notes:
+            print(f"distiller.py: note: {note}", file=sys.stderr)
+    args, data_args, training_args = parse_training_args(
+        (DistillationArguments, DataArguments, ProjectTrainingArguments), "distiller.py", argv)
+    resume = prepare_run(training_args)
+    teacher_config = load_config(None, args.teacher_name_or_path, model_flag="--teacher_name_or_path")
+    student_flag = "--student_config" if args.student_config else "--student_name_or_path"
+    student_config = load_config(args.student_config, args.student_name_or_path, "--student_config",
+                                 "--student_name_or_path")
+    check_student_config(student_config, student_flag)
+    tokenizer_name = args.tokenizer_name or args.student_name_or_path or args.teacher_name_or_path
+    tokenizer_flag = ("--tokenizer_name" if args.tokenizer_name else
+                      "--student_name_or_path" if args.student_name_or_path else "--teacher_name_or_path")
+    tokenizer = load_tokenizer(tokenizer_name, tokenizer_flag)
+    teacher_tokenizer = (tokenizer if tokenizer_name == args.teacher_name_or_path else
+                         load_tokenizer(args.teacher_name_or_path, "--teacher_name_or_path"))
+    check_compatible(args, teacher_config, student_config, teacher_tokenizer, tokenizer)
+    student = load_student(args, student_config)
+    if args.freeze_pos_embs:
+        freeze_position_embeddings(student)
+    data = prepare_data(data_args, training_args, tokenizer, tokenizer_name, student_config)
+    if training_args.eval_strategy != "no" and data.eval_tokens is None:
+        raise UserError(f"--eval_strategy {training_args.eval_strategy}: the data has no validation split")
+    teacher = load_causal_lm(teacher_config, args.teacher_name_or_path, "--teacher_name_or_path")
+    trainer = DistillationTrainer(model=student, args=training_args, train_dataset=data.train_dataset,
+                                  data_collator=distillation_collator, processing_class=tokenizer,
+                                  eval_tokens=data.eval_tokens, block_size=data.block_size,
+                                  run_info={"block_size": data.block_size, "data": data.folder}, teacher=teacher,
+                                  distillation_args=args)
+    return trainer, resume
+
+
+@entry_point
+def main(argv=None):
+    trainer, resume = build_trainer(argv)
+    if trainer.is_world_process_zero():
+        os.makedirs(trainer.args.output_dir, exist_ok=True)
+        write_json(os.path.join(trainer.args.output_dir, DISTILLATION_FILE),
+                   distillation_record(trainer.distillation_args))
+    train_and_evaluate(trainer, resume)
