@@ -1,0 +1,162 @@
+"""What distillation costs: one distillation step against one plain LM step of the same student, and the peak
+memory of the chunked KD loss against a naive one. Both baselines are measured in the same run.
+
+    .venv/bin/python -m bench.distill                     # GPT-2 small (12 × 768) → 6 layers, vocabulary 50257
+    .venv/bin/python -m bench.distill --n_layer 4 --n_embd 256 --repeats 3    # quicker
+
+Models are randomly initialised (offline). Times are medians of ``--repeats`` steps after one warm-up step.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from lmcompress.distillation import DistillationArguments, loss_terms, weighted_sum
+from lmcompress.losses import kd_loss, next_token_targets
+from lmcompress.truncation import select_layers, truncate_model
+
+
+def forward_flops_per_token(model, block_size):
+    """Kaplan et al. (2020): 2 × non-embedding parameters + LM head + 2 × n_layer × n_ctx × d for attention."""
+    config = model.config
+    embeddings = model.transformer.wte.weight.numel() + model.transformer.wpe.weight.numel()
+    non_embedding = sum(p.numel() for p in model.transformer.parameters()) - embeddings
+    return 2 * non_embedding + 2 * config.vocab_size * config.n_embd + 2 * config.n_layer * block_size * config.n_embd
+
+
+def lm_step(student, optimizer, input_ids):
+    loss = student(input_ids=input_ids, labels=input_ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def distillation_step(student, teacher, optimizer, input_ids, args):
+    targets = next_token_targets(input_ids)
+    student_out = student(input_ids=input_ids, output_hidden_states=bool(args.alpha_cos))
+    with torch.no_grad():
+        teacher_out = teacher(input_ids=input_ids, output_hidden_states=bool(args.alpha_cos))
+    weighted_sum(args, loss_terms(args, student_out, teacher_out, targets, None)).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def median_seconds(step, repeats, device):
+    step()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def naive_forward_kl(student_logits, teacher_logits, mask, temperature):
+    """Both full-vocabulary distributions of the whole batch in float32, as the original distiller did."""
+    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    p_teacher = F.softmax(teacher_logits.float() / temperature, dim=-1)
+    per_position = (p_teacher * (p_teacher.log() - log_p_student)).sum(-1)
+    return temperature ** 2 * per_position[mask].sum() / mask.sum()
+
+
+def peak_bytes(run, device):
+    """Peak of the memory allocated while ``run()`` executes, above what was allocated before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    # The profiler's raw allocator events (signed sizes, in time order) give the CPU allocation timeline.
+    events = sorted((event for event in prof.profiler.kineto_results.events() if event.name() == "[memory]"),
+                    key=lambda event: event.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def kd_memory(loss_fn, student_logits, teacher_logits, mask, device, repeats):
+    def run():
+        loss = loss_fn(student_logits, teacher_logits, mask, 2.0)
+        loss.backward()
+        student_logits.grad = None
+
+    return statistics.median(peak_bytes(run, device) for _ in range(repeats))
+
+
+def benchmark_step(cli, device):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=cli.vocab_size, n_positions=max(1024, cli.block_size), n_embd=cli.n_embd,
+                        n_layer=cli.n_layer, n_head=cli.n_embd // 64)
+    teacher = GPT2LMHeadModel(config).to(device).eval().requires_grad_(False)
+    layers = select_layers("distil", cli.n_layer, cli.student_layers)
+    student = truncate_model(teacher, layers).to(device).train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    input_ids = torch.randint(0, cli.vocab_size, (cli.batch_size, cli.block_size), device=device)
+    args = DistillationArguments(teacher_name_or_path="teacher", student_name_or_path="student")  # paper's alphas
+
+    lm = median_seconds(lambda: lm_step(student, optimizer, input_ids), cli.repeats, device)
+    kd = median_seconds(lambda: distillation_step(student, teacher, optimizer, input_ids, args), cli.repeats, device)
+    f_student = forward_flops_per_token(student, cli.block_size)
+    f_teacher = forward_flops_per_token(teacher, cli.block_size)
+    predicted = (3 * f_student + f_teacher) / (3 * f_student)
+    print(f"step: teacher {cli.n_layer}×{cli.n_embd} → student layers {','.join(map(str, layers))}, "
+          f"vocabulary {cli.vocab_size}, batch {cli.batch_size}×{cli.block_size}, {device.type}")
+    print(f"  plain LM step      {lm * 1000:9.1f} ms (median of {cli.repeats})")
+    print(f"  distillation step  {kd * 1000:9.1f} ms (median of {cli.repeats}; alpha_ce 5, clm 2, cos 1)")
+    print(f"  ratio measured {kd / lm:.2f}, predicted by FLOPs {predicted:.2f} "
+          "((3·student + teacher forward) / (3·student))")
+
+
+def benchmark_memory(cli, device):
+    torch.manual_seed(0)
+    shape = (cli.batch_size, cli.block_size, cli.vocab_size)
+    student_logits = torch.randn(shape, device=device, requires_grad=True)
+    teacher_logits = torch.randn(shape, device=device)
+    mask = torch.ones(shape[:2], dtype=torch.bool, device=device)
+    naive = kd_memory(naive_forward_kl, student_logits, teacher_logits, mask, device, cli.repeats)
+    chunked = kd_memory(kd_loss, student_logits, teacher_logits, mask, device, cli.repeats)
+    full = student_logits.numel() * 4
+    print(f"KD loss memory: {shape[0] * shape[1]} positions × vocabulary {shape[2]}, float32 logits, forward+backward "
+          f"(one full-vocabulary float32 tensor = {full / 2**20:.0f} MiB)")
+    print(f"  naive (both distributions in float32)  peak {naive / 2**20:8.0f} MiB")
+    print(f"  chunked kd_loss                        peak {chunked / 2**20:8.0f} MiB")
+    print(f"  ratio {chunked / naive:.2f} (target <= 0.5)")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.distill", description=__doc__.splitlines()[0])
+    parser.add_argument("--n_layer", type=int, default=12, help="teacher depth")
+    parser.add_argument("--n_embd", type=int, default=768, help="hidden size (a multiple of 64)")
+    parser.add_argument("--student_layers", type=int, default=None, help="student depth (default: half)")
+    parser.add_argument("--vocab_size", type=int, default=50257)
+    parser.add_argument("--batch_size", type=int, default=2)
+    parser.add_argument("--block_size", type=int, default=128)
+    parser.add_argument("--memory_batch_size", type=int, default=4, help="rows of the KD-loss memory benchmark")
+    parser.add_argument("--memory_block_size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    cli = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    benchmark_step(cli, device)
+    memory_cli = argparse.Namespace(**{**vars(cli), "batch_size": cli.memory_batch_size,
+                                       "block_size": cli.memory_block_size})
+    benchmark_memory(memory_cli, device)
+
+
+if __name__ == "__main__":
+    main()
