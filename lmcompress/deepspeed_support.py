@@ -105,3 +105,20 @@ def zero3_inference(model, config):
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()
     return engine
+
+
+def frozen_teacher(teacher, training_args, dtype):
+    """A distillation teacher for the Trainer's run: frozen, in eval mode, in the run's precision.
+
+    Under ZeRO-3 it is partitioned like the student and runs as ZeRO inference, since ZeRO-3 is the choice for
+    models that do not fit one GPU and the teacher is the larger model; every rank calls it once per micro-batch,
+    which keeps the ranks in lockstep. Otherwise each rank holds a copy.
+    """
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    teacher.requires_grad_(False)
+    if not is_deepspeed_zero3_enabled():
+        return teacher.to(training_args.device, dtype=dtype).eval()
+    config = inference_config(training_args.hf_deepspeed_config.config, teacher.config.hidden_size,
+                              training_args.per_device_train_batch_size, dtype)
+    return zero3_inference(teacher, config)

@@ -15,6 +15,7 @@ import sys
 import torch
 from transformers import default_data_collator
 
+from . import deepspeed_support
 from .data import DataArguments
 from .errors import UserError, entry_point
 from .jsonio import write_json
@@ -150,7 +151,7 @@ class DistillationTrainer(LMTrainer):
     def __init__(self, *args, teacher, distillation_args, **kwargs):
         super().__init__(*args, **kwargs)
         self.distillation_args = distillation_args
-        self.teacher = teacher.to(self.args.device, dtype=autocast_dtype(self.args)).eval().requires_grad_(False)
+        self.teacher = deepspeed_support.frozen_teacher(teacher, self.args, autocast_dtype(self.args))
         self._term_sums, self._term_tokens = {}, 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
