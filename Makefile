@@ -14,7 +14,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 install: $(VENV)/.installed
 
 demo: install
-	$(OFFLINE) PYTHON=$(PYTHON) bash demo.sh
+	$(OFFLINE) PYTHON=$(PYTHON) SCALE=mini bash reproduce.sh
 
 test: install
 	$(OFFLINE) $(PYTHON) -m pytest -q tests

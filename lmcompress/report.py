@@ -75,8 +75,9 @@ def greedy_continuation(model_dir, prompt, max_new_tokens=24):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    room = model.config.n_positions - input_ids.shape[1]
     with torch.no_grad():
-        output = model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False,
+        output = model.generate(input_ids, max_new_tokens=max(1, min(max_new_tokens, room)), do_sample=False,
                                 pad_token_id=tokenizer.eos_token_id)
     return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
 

@@ -44,9 +44,9 @@ class ProjectTrainingArguments(TrainingArguments):
     report_to: str = dataclasses.field(default="tensorboard", metadata={"help": "tensorboard (default), none, ..."})
 
     def __post_init__(self):
-        if self.warmup_ratio is not None:
-            if not 0 <= self.warmup_ratio < 1:
-                raise UserError(f"--warmup_ratio {self.warmup_ratio}: must be in [0, 1)")
+        if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
+            raise UserError(f"--warmup_ratio {self.warmup_ratio}: must be in [0, 1)")
+        if self.warmup_ratio:
             if self.warmup_steps:
                 raise UserError("give --warmup_ratio or --warmup_steps, not both")
             self.warmup_steps = self.warmup_ratio

@@ -1,0 +1,79 @@
+"""reproduce.sh: the dry run of the paper scale, and the mini pipeline end to end at toy size, resumable."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, run
+
+TOY = {"WIDTH": "32", "VOCAB_SIZE": "400", "BLOCK_SIZE": "32", "BATCH_SIZE": "4", "TEACHER_STEPS": "30",
+       "STUDENT_STEPS": "4", "FINETUNE_STEPS": "4", "OMP_NUM_THREADS": "1"}
+ROWS = ["teacher", "random-init", "first", "distil-kd", "alt-pretrain", "alt-kd"]
+
+
+def test_paper_dry_run_prints_the_papers_commands(tmp_path):
+    result = run(["bash", "reproduce.sh"], env={"SCALE": "paper", "DRY_RUN": "1", "OUTPUT_ROOT": tmp_path / "paper"})
+    lines = result.stdout.splitlines()
+    assert not (tmp_path / "paper").exists(), "a dry run writes nothing"
+    assert any("--dataset_name openwebtext --clean" in line for line in lines)
+    assert any("wikitext-103-raw-v1" in line for line in lines)
+    assert sum("truncate.py --teacher_name_or_path gpt2 --strategy" in line for line in lines) == 3
+    assert any("--strategy alt --num_layers 6" in line for line in lines)
+    assert sum("distil.sh" in line for line in lines) == 2 and sum("/train.sh" in line for line in lines) == 6
+    assert sum("evaluate.sh" in line for line in lines) == 6
+    assert any("pretrain.sh" in line and "truncated/alt" in line for line in lines)
+    assert any("configs/distilgpt2.json" in line for line in lines)
+    assert "--max_steps" not in result.stdout, "the paper scale runs the scripts' own (paper) settings"
+
+
+def test_unknown_scale_is_refused(tmp_path):
+    result = run(["bash", "reproduce.sh"], env={"SCALE": "huge", "OUTPUT_ROOT": tmp_path / "x"}, check=False)
+    assert result.returncode == 2 and "SCALE=huge" in result.stderr
+
+
+def start(root):
+    env = {**os.environ, "PYTHON": sys.executable, "SCALE": "mini", "OUTPUT_ROOT": str(root), **TOY}
+    return subprocess.Popen(["bash", "reproduce.sh"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_mini_pipeline_resumes_after_a_kill_and_reuses_every_stage(tmp_path):
+    root = tmp_path / "mini"
+    interrupted = start(root)
+    deadline = time.time() + 600
+    while not (root / "truncated" / "alt" / "truncation.json").exists():
+        assert interrupted.poll() is None and time.time() < deadline, interrupted.stdout.read()[-3000:]
+        time.sleep(0.5)
+    os.killpg(interrupted.pid, signal.SIGKILL)
+    interrupted.wait()
+    teacher_seconds = (root / "timings" / "teacher-pretrain.seconds").read_text()
+
+    completed = start(root)
+    output, _ = completed.communicate(timeout=900)
+    assert completed.returncode == 0, output[-4000:]
+    assert "== teacher-pretrain: done" in output and "== truncate-alt: done" in output
+    assert (root / "timings" / "teacher-pretrain.seconds").read_text() == teacher_seconds
+    for name in ("results.md", "results.csv", "results.png", "reproduce.log"):
+        assert (root / name).stat().st_size > 0, name
+    with open(root / "results.csv", encoding="utf-8") as handle:
+        rows = {row["model"]: row for row in csv.DictReader(handle)}
+    assert list(rows) == ROWS
+    for row in rows.values():
+        assert float(row["test_ppl"]) > 1 and float(row["validation_ppl"]) > 1 and float(row["test_word_ppl"]) > 1
+    assert rows["alt-pretrain"]["layers"] == "0,2" and rows["first"]["layers"] == "0,1"
+    assert int(rows["alt-kd"]["stage1_tokens"]) == 4 * 4 * 32
+    markdown = (root / "results.md").read_text()
+    assert "Greedy continuations" in markdown and all(f"**{row}**" in markdown for row in ROWS)
+
+    again = start(root)
+    output, _ = again.communicate(timeout=300)
+    assert again.returncode == 0
+    assert output.count(": done (") == output.count("== "), "a re-run only reuses finished stages"
+    with open(root / "results.csv", encoding="utf-8") as handle:
+        assert {row["model"]: row["test_ppl"] for row in csv.DictReader(handle)} == {
+            name: row["test_ppl"] for name, row in rows.items()}
