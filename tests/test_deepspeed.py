@@ -1,7 +1,7 @@
 """DeepSpeed on CPU, two processes over gloo: ZeRO-2 with optimizer offload, ZeRO-3, ZeRO inference, bad configs.
 
-The first run that offloads the optimizer compiles DeepSpeed's CPU Adam (about a minute, cached afterwards in
-~/.cache/torch_extensions, or TORCH_EXTENSIONS_DIR).
+On first use DeepSpeed compiles its CPU Adam and shared-memory communication ops (about 100 s on two idle
+cores, longer under load), cached afterwards in ~/.cache/torch_extensions (or TORCH_EXTENSIONS_DIR).
 """
 import json
 import math
