@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .losses import next_token_targets
 from .tokenfiles import open_split, read_meta
 from .tokenization import TextSources, job_key, describe_sources, tokenize_to_folder
 from .vocab import tokenizer_fingerprint, tokenizer_record
@@ -92,6 +93,8 @@ def choose_block_size(requested, n_positions, flag="--block_size"):
 class BlockDataset(torch.utils.data.Dataset):
     """Consecutive, non-overlapping ``block_size`` blocks of a token file; the remainder is left out.
 
+    Each item holds ``input_ids``, ``labels`` (the same block) and ``shift_labels``, the next-token targets.
+
     The file is memory-mapped lazily, so the dataset pickles cheaply into DataLoader workers.
     """
 
@@ -112,7 +115,9 @@ class BlockDataset(torch.utils.data.Dataset):
             self._tokens = open_split(self.folder, self.split)
         start = index * self.block_size
         block = torch.from_numpy(np.asarray(self._tokens[start:start + self.block_size], dtype=np.int64))
-        return {"input_ids": block, "labels": block}
+        # shift_labels: the Trainer counts them for the loss's token count (it would count ``labels`` whole,
+        # one token per block more than the positions that predict one)
+        return {"input_ids": block, "labels": block, "shift_labels": next_token_targets(block[None])[0]}
 
     def __getstate__(self):
         return {**self.__dict__, "_tokens": None}

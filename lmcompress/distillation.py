@@ -19,7 +19,7 @@ from . import deepspeed_support
 from .data import DataArguments
 from .errors import UserError, entry_point
 from .jsonio import write_json
-from .losses import DIVERGENCES, IGNORE_INDEX, cosine_loss, kd_loss, lm_loss, mse_loss, next_token_targets
+from .losses import DIVERGENCES, IGNORE_INDEX, cosine_loss, kd_loss, lm_loss, mse_loss
 from .models import load_causal_lm, load_config
 from .training import (LMTrainer, ProjectTrainingArguments, autocast_dtype, parse_training_args, prepare_data,
                        prepare_run, train_and_evaluate)
@@ -132,17 +132,6 @@ def weighted_sum(args, terms):
     return sum(getattr(args, WEIGHTS[name]) * value for name, value in terms.items())
 
 
-def distillation_collator(features):
-    """Blocks plus their next-token targets as ``shift_labels``.
-
-    The Trainer counts ``shift_labels`` when present; otherwise it counts ``labels`` whole for GPT-2 (whose class
-    name it does not recognise as a causal LM), one token per row more than the positions that predict one.
-    """
-    batch = default_data_collator(features)
-    batch["shift_labels"] = next_token_targets(batch["labels"])
-    return batch
-
-
 class DistillationTrainer(LMTrainer):
     """LMTrainer whose training loss is the distillation loss; evaluation stays the student's perplexity."""
 
@@ -156,7 +145,7 @@ class DistillationTrainer(LMTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.distillation_args
-        targets = inputs["shift_labels"] if "shift_labels" in inputs else next_token_targets(inputs["labels"])
+        targets = inputs["shift_labels"]
         forward_inputs = {key: inputs[key] for key in ("input_ids", "attention_mask") if key in inputs}
         student = model(**forward_inputs, output_hidden_states=bool(args.alpha_cos))
         teacher = self.teacher_outputs(forward_inputs) if args.uses_teacher() else None
@@ -323,7 +312,7 @@ def build_trainer(argv=None):
         raise UserError(f"--eval_strategy {training_args.eval_strategy}: the data has no validation split")
     teacher = load_causal_lm(teacher_config, args.teacher_name_or_path, "--teacher_name_or_path")
     trainer = DistillationTrainer(model=student, args=training_args, train_dataset=data.train_dataset,
-                                  data_collator=distillation_collator, processing_class=tokenizer,
+                                  data_collator=default_data_collator, processing_class=tokenizer,
                                   eval_tokens=data.eval_tokens, block_size=data.block_size,
                                   run_info={"block_size": data.block_size, "data": data.folder}, teacher=teacher,
                                   distillation_args=args)

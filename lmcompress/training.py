@@ -42,6 +42,7 @@ class ProjectTrainingArguments(TrainingArguments):
     overwrite_output_dir: bool = dataclasses.field(default=False, metadata={"help": "allow an output folder that "
                                                                                     "already holds a trained model"})
     report_to: str = dataclasses.field(default="tensorboard", metadata={"help": "tensorboard (default), none, ..."})
+    remove_unused_columns: bool = dataclasses.field(default=False, metadata={"help": "keep the blocks' shift_labels"})
 
     def __post_init__(self):
         if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
