@@ -23,7 +23,9 @@ from .vocab import first_line, tokenizer_record
 
 PIECE_CHARS = 1 << 18
 READ_BYTES = 1 << 20
-BATCH_CHARS = 1 << 21
+# One piece per batch: the Rust tokenizer then encodes on the calling thread, and its per-thread allocator arenas
+# (over 100 MB for a batch of 2 MB of text) never come into being; on 2 cores this is no slower.
+BATCH_CHARS = PIECE_CHARS
 SAFE_CUT = re.compile(r"(?<=\S)[ \n](?=\S)")
 SPLITS = ("train", "validation", "test")
 
@@ -225,7 +227,9 @@ def _init_worker(tokenizer_json):
 def encode_batch(texts, tokenizer=None):
     """Encode texts; return per text ``(ids, n_words, n_bytes)``."""
     backend = tokenizer or _worker_tokenizer
-    encodings = backend.encode_batch(texts, add_special_tokens=False)
+    # encode_batch_fast (tokenizers >= 0.20) skips the character offsets nobody reads here: ~1.5x faster
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    encodings = encode(texts, add_special_tokens=False)
     return [(encoding.ids, len(text.split()), len(text.encode("utf-8"))) for text, encoding in zip(texts, encodings)]
 
 

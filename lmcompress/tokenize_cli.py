@@ -1,9 +1,19 @@
 """tokenize_datasets.py: raw text (local files or a hub dataset) → optional cleaning → a token folder."""
+import argparse
+import sys
+
 from .cleaning import CleaningOptions
-from .cli import ArgumentParser
 from .errors import UserError, entry_point
 from .tokenization import TextSources, tokenize_to_folder
-from .vocab import load_tokenizer
+from .vocab import load_backend_tokenizer
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """lmcompress.cli's one-line errors, without importing transformers (its HfArgumentParser) for this tool."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def parse_args(argv=None):
@@ -46,7 +56,7 @@ def main(argv=None):
     sources = sources_from_args(args)
     if not sources.files and not sources.dataset_name:
         raise UserError("no data: give --train_file (and optionally --validation_file/--test_file) or --dataset_name")
-    tokenizer = load_tokenizer(args.tokenizer_name_or_path, "--tokenizer_name_or_path")
+    tokenizer = load_backend_tokenizer(args.tokenizer_name_or_path, "--tokenizer_name_or_path")
     meta = tokenize_to_folder(sources, tokenizer, args.tokenizer_name_or_path, args.output_dir,
                               num_proc=args.num_proc, overwrite=args.overwrite)
     for split, counts in meta["splits"].items():

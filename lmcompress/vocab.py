@@ -27,6 +27,55 @@ def load_tokenizer(name_or_path, flag="--tokenizer_name"):
     return tokenizer
 
 
+class BackendTokenizer:
+    """A saved fast tokenizer read with the ``tokenizers`` library alone (no transformers, no torch).
+
+    Offers what tokenization needs (``backend_tokenizer``, ``eos_token_id``, ``get_vocab``, ``len``) with the same
+    values as ``AutoTokenizer``, so ``tokenizer_fingerprint`` is identical; tokenize_datasets.py uses it to keep
+    its memory low (importing transformers and torch alone costs ~440 MB of resident memory).
+    """
+
+    def __init__(self, backend, eos_token):
+        self.backend_tokenizer = backend
+        self.eos_token = eos_token
+        self.eos_token_id = backend.token_to_id(eos_token) if eos_token is not None else None
+
+    def get_vocab(self):
+        return self.backend_tokenizer.get_vocab(with_added_tokens=True)
+
+    def __len__(self):
+        return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)
+
+
+def _special_token(value):
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def load_backend_tokenizer(name_or_path, flag="--tokenizer_name"):
+    """``load_tokenizer`` without importing transformers when ``name_or_path`` is a folder holding
+    ``tokenizer.json`` and ``tokenizer_config.json`` (what ``save_pretrained`` writes); otherwise ``load_tokenizer``.
+    """
+    folder = name_or_path and os.path.isdir(name_or_path) and name_or_path
+    files = [os.path.join(folder, name) for name in ("tokenizer.json", "tokenizer_config.json")] if folder else []
+    if not files or not all(os.path.isfile(path) for path in files):
+        return load_tokenizer(name_or_path, flag)
+    try:
+        from tokenizers import Tokenizer
+
+        with open(files[1], encoding="utf-8") as handle:
+            config = json.load(handle)
+        backend = Tokenizer.from_file(files[0])
+    except Exception:  # anything unusual: let transformers load it (and report its errors)
+        return load_tokenizer(name_or_path, flag)
+    eos_token = _special_token(config.get("eos_token"))
+    tokenizer = BackendTokenizer(backend, eos_token)
+    if eos_token is not None and tokenizer.eos_token_id is None:
+        return load_tokenizer(name_or_path, flag)  # a token transformers would add: its loader knows how
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"{flag} {name_or_path}: the tokenizer has no end-of-text token, needed to separate documents")
+    return tokenizer
+
+
 def first_line(err):
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
