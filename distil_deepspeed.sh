@@ -40,6 +40,7 @@ SAVE_STEPS=${SAVE_STEPS:-500}
 LOGGING_STEPS=${LOGGING_STEPS:-10}
 SEED=${SEED:-56}                       # the original distiller's seed
 PRECISION=${PRECISION:-}               # fp32 | fp16 | bf16 (default: fp16 on CUDA, else fp32)
+RESUME=${RESUME:-}                     # auto: continue from the newest complete checkpoint in OUTPUT_DIR, if any
 DS_CONFIG=${DS_CONFIG:-ds_config.json}  # ZeRO-2 with optimizer offload; ds_config_zero3.json partitions student and teacher
 HOSTFILE=${HOSTFILE:-}                 # multi-node: "host slots=N" lines; the deepspeed launcher reaches them over ssh
 INCLUDE=${INCLUDE:-}                   # e.g. localhost:0,1 or worker-1@worker-2:0 (instead of NPROC_PER_NODE)
@@ -62,4 +63,5 @@ run_deepspeed distiller.py --teacher_name_or_path "$TEACHER" $STUDENT_ARGS ${TOK
   --alpha_clm "$ALPHA_CLM" --alpha_cos "$ALPHA_COS" --alpha_mse "$ALPHA_MSE" --divergence "$DIVERGENCE" \
   --jsd_beta "$JSD_BETA" $FREEZE_ARGS --learning_rate "$LEARNING_RATE" --warmup_ratio "$WARMUP_RATIO" \
   --weight_decay "$WEIGHT_DECAY" --adam_epsilon "$ADAM_EPSILON" --max_grad_norm "$MAX_GRAD_NORM" --do_eval \
-  --save_steps "$SAVE_STEPS" --logging_steps "$LOGGING_STEPS" --seed "$SEED" --report_to tensorboard "$@"
+  --save_steps "$SAVE_STEPS" --logging_steps "$LOGGING_STEPS" --seed "$SEED" --report_to tensorboard \
+  ${RESUME:+--resume_from_checkpoint "$RESUME"} "$@"

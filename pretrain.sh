@@ -26,6 +26,7 @@ SAVE_STEPS=${SAVE_STEPS:-2000}
 LOGGING_STEPS=${LOGGING_STEPS:-100}
 SEED=${SEED:-42}
 PRECISION=${PRECISION:-}               # fp32 | fp16 | bf16 (default: fp16 on CUDA, else fp32)
+RESUME=${RESUME:-}                     # auto: continue from the newest complete checkpoint in OUTPUT_DIR, if any
 
 source "$(dirname "$0")/scripts/lib.sh"
 
@@ -38,4 +39,5 @@ run train.py $MODEL_ARGS $(data_args) $(precision_args) \
   --per_device_train_batch_size "$BATCH_SIZE" --per_device_eval_batch_size "$EVAL_BATCH_SIZE" \
   --gradient_accumulation_steps "$GRAD_ACC" --learning_rate "$LEARNING_RATE" --warmup_ratio "$WARMUP_RATIO" \
   --weight_decay "$WEIGHT_DECAY" --do_eval --save_steps "$SAVE_STEPS" \
-  --logging_steps "$LOGGING_STEPS" --seed "$SEED" --report_to tensorboard "$@"
+  --logging_steps "$LOGGING_STEPS" --seed "$SEED" --report_to tensorboard \
+  ${RESUME:+--resume_from_checkpoint "$RESUME"} "$@"

@@ -27,6 +27,7 @@ SAVE_STEPS=${SAVE_STEPS:-500}
 LOGGING_STEPS=${LOGGING_STEPS:-50}
 SEED=${SEED:-42}
 PRECISION=${PRECISION:-}               # fp32 | fp16 | bf16 (default: fp16 on CUDA, else fp32)
+RESUME=${RESUME:-}                     # auto: continue from the newest complete checkpoint in OUTPUT_DIR, if any
 DS_CONFIG=${DS_CONFIG:-ds_config.json}  # ZeRO-2 with optimizer offload; ds_config_zero3.json partitions the parameters too
 HOSTFILE=${HOSTFILE:-}                 # multi-node: "host slots=N" lines; the deepspeed launcher reaches them over ssh
 INCLUDE=${INCLUDE:-}                   # e.g. localhost:0,1 or worker-1@worker-2:0 (instead of NPROC_PER_NODE)
@@ -45,4 +46,5 @@ run_deepspeed train.py $MODEL_ARGS $(data_args) $(precision_args) \
   --per_device_train_batch_size "$BATCH_SIZE" --per_device_eval_batch_size "$EVAL_BATCH_SIZE" \
   --gradient_accumulation_steps "$GRAD_ACC" --learning_rate "$LEARNING_RATE" --warmup_ratio "$WARMUP_RATIO" \
   --weight_decay "$WEIGHT_DECAY" --do_eval --eval_strategy epoch --save_steps "$SAVE_STEPS" \
-  --logging_steps "$LOGGING_STEPS" --seed "$SEED" --report_to tensorboard "$@"
+  --logging_steps "$LOGGING_STEPS" --seed "$SEED" --report_to tensorboard \
+  ${RESUME:+--resume_from_checkpoint "$RESUME"} "$@"

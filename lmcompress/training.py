@@ -13,9 +13,9 @@ import time
 import torch
 from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from . import deepspeed_support
+from . import deepspeed_support, faults
 from .cli import DataclassArgumentParser
 from .data import BlockDataset, DataArguments, check_vocabulary, choose_block_size, resolve_token_folder
 from .errors import UserError, entry_point
@@ -43,6 +43,10 @@ class ProjectTrainingArguments(TrainingArguments):
                                                                                     "already holds a trained model"})
     report_to: str = dataclasses.field(default="tensorboard", metadata={"help": "tensorboard (default), none, ..."})
     remove_unused_columns: bool = dataclasses.field(default=False, metadata={"help": "keep the blocks' shift_labels"})
+    skip_nonfinite: bool = dataclasses.field(default=False, metadata={"help": "skip an optimiser step whose loss is "
+                                                                              "NaN or infinite on any rank (counted "
+                                                                              "as nonfinite_skipped) instead of "
+                                                                              "stopping the run"})
 
     def __post_init__(self):
         if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
@@ -63,6 +67,9 @@ class ProjectTrainingArguments(TrainingArguments):
             raise UserError(" ".join(str(err).split())) from err
         if self.deepspeed:
             deepspeed_support.check_matches_flags(self.hf_deepspeed_config, self.deepspeed)
+            if self.skip_nonfinite:
+                raise UserError("--skip_nonfinite does not work with --deepspeed (the DeepSpeed engine steps the "
+                                "optimizer itself); without it a non-finite loss stops the run")
 
 
 def autocast_dtype(args):
@@ -70,13 +77,58 @@ def autocast_dtype(args):
 
 
 class LMTrainer(Trainer):
-    """Trainer whose evaluation is the token-weighted NLL over the whole validation stream, with perplexity."""
+    """Trainer whose evaluation is the token-weighted NLL over the whole validation stream, with perplexity.
+
+    Its checkpoints are complete or absent, it stops at a non-finite loss (or skips the step) and on SIGTERM
+    saves a checkpoint and stops: see ``faults``.
+    """
 
     def __init__(self, *args, eval_tokens=None, block_size=None, run_info=None, **kwargs):
         # The Trainer only checks that an eval dataset exists; evaluate() reads the token stream itself.
         super().__init__(*args, eval_dataset=eval_tokens, **kwargs)
         self.eval_tokens, self.block_size = eval_tokens, block_size
         self.run_info = run_info or {}  # recorded in eval_results.json
+        self.nonfinite_guard = faults.NonFiniteGuard(skip=self.args.skip_nonfinite)
+        self.preemption = faults.PreemptionCallback()
+        self.add_callback(self.nonfinite_guard)
+        self.add_callback(self.preemption)
+        self._staging_dir = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.nonfinite_guard.observe(loss)
+        return loss
+
+    def log(self, logs, start_time=None):
+        if "loss" in logs and self.nonfinite_guard.skipped:
+            logs["nonfinite_skipped"] = self.nonfinite_guard.skipped
+        super().log(logs, start_time)
+
+    def _get_output_dir(self, trial):
+        return self._staging_dir or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        """Every rank writes the checkpoint into one staging folder; once all are done, it is renamed into place."""
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            faults.remove_stale_staging(run_dir)
+        self.accelerator.wait_for_everyone()
+        self._staging_dir = faults.staging_root(run_dir, self.state.global_step)
+        staged, final = os.path.join(self._staging_dir, name), os.path.join(run_dir, name)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        if self.state.best_model_checkpoint == staged:
+            self.state.best_model_checkpoint = final
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staged, faults.TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            faults.commit_checkpoint(staged, final)
+            faults.remove_stale_staging(run_dir)
+            faults.rotate_checkpoints(run_dir, self.args.save_total_limit, final, self.state.best_model_checkpoint)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         if self.eval_tokens is None:
@@ -116,14 +168,14 @@ def check_output_dir(args):
 
 
 def resolve_resume(args):
-    """``--resume_from_checkpoint`` PATH, or ``latest`` (the newest checkpoint, required) or ``auto`` (if any)."""
+    """``--resume_from_checkpoint`` PATH, or ``latest`` (the newest complete checkpoint, required) or ``auto`` (if any)."""
     wanted = args.resume_from_checkpoint
     if not wanted:
         return None
     if wanted.lower() in ("auto", "latest", "true"):
-        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        last = faults.latest_complete_checkpoint(args.output_dir)
         if last is None and wanted.lower() != "auto":
-            raise UserError(f"--resume_from_checkpoint {wanted}: no checkpoint-* folder in {args.output_dir}")
+            raise UserError(f"--resume_from_checkpoint {wanted}: no complete checkpoint-* folder in {args.output_dir}")
         return last
     if not os.path.isdir(wanted):
         raise UserError(f"--resume_from_checkpoint {wanted}: no such checkpoint folder")
@@ -179,6 +231,7 @@ def train_and_evaluate(trainer, resume):
     """Train, save the final model, evaluate, and write ``train_results.json`` / ``eval_results.json``."""
     training_args = trainer.args
     result = trainer.train(resume_from_checkpoint=resume)
+    faults.exit_if_preempted(trainer, trainer.preemption)
     save_final_model(trainer, training_args.output_dir)
     tokens_per_step = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
                        * training_args.world_size * trainer.block_size)

@@ -1,0 +1,191 @@
+"""Faults during long runs: checkpoints complete or absent, preemption (SIGTERM), non-finite losses.
+
+Every decision that ends or changes a step is taken by all ranks together (one small all-reduce per step), so
+no rank leaves a collective that the others still wait in.
+"""
+import os
+import re
+import shutil
+import signal
+import sys
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .errors import UserError
+
+# Written by the Trainer after the weights, optimizer and RNG states: a checkpoint without it was cut short
+# (by a version of this project that wrote checkpoints in place).
+TRAINER_STATE_NAME = "trainer_state.json"
+CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+STAGING_PREFIX = ".staging-"
+EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: stopped early on purpose, re-run to continue
+
+
+# ---- Checkpoints: complete or absent -------------------------------------------------------------------------
+
+def checkpoint_step(path):
+    match = CHECKPOINT_NAME.match(os.path.basename(os.path.normpath(path)))
+    return int(match.group(1)) if match else None
+
+
+def complete_checkpoints(folder):
+    """``checkpoint-N`` folders of ``folder`` that hold a trainer state, oldest step first."""
+    if not os.path.isdir(folder):
+        return []
+    found = [os.path.join(folder, name) for name in os.listdir(folder) if checkpoint_step(name) is not None]
+    complete = [path for path in found if os.path.isfile(os.path.join(path, TRAINER_STATE_NAME))]
+    return sorted(complete, key=checkpoint_step)
+
+
+def latest_complete_checkpoint(folder):
+    checkpoints = complete_checkpoints(folder)
+    return checkpoints[-1] if checkpoints else None
+
+
+def staging_root(run_dir, step):
+    """Where every rank writes checkpoint ``step`` before it is renamed into place: the same path on all ranks."""
+    return os.path.join(run_dir, f"{STAGING_PREFIX}{PREFIX_CHECKPOINT_DIR}-{step}")
+
+
+def fsync_tree(folder):
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def commit_checkpoint(staged, final):
+    """Move a fully written checkpoint folder to its final name, replacing an older one of the same step."""
+    fsync_tree(staged)
+    replaced = None
+    if os.path.exists(final):
+        replaced = os.path.join(os.path.dirname(final), f"{STAGING_PREFIX}replaced-{os.path.basename(final)}")
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.rename(final, replaced)
+    os.rename(staged, final)
+    if replaced:
+        shutil.rmtree(replaced, ignore_errors=True)
+
+
+def remove_checkpoint(path):
+    """Rename first, so that a kill during the deletion leaves no half-deleted ``checkpoint-N``."""
+    doomed = os.path.join(os.path.dirname(path), f"{STAGING_PREFIX}deleted-{os.path.basename(path)}")
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def rotate_checkpoints(run_dir, save_total_limit, newest, best=None):
+    """Keep at most ``save_total_limit`` complete checkpoints; never delete ``newest`` (just saved) nor ``best``."""
+    if not save_total_limit or save_total_limit <= 0:
+        return
+    protected = {os.path.normpath(path) for path in (newest, best) if path}
+    checkpoints = complete_checkpoints(run_dir)
+    excess = len(checkpoints) - max(save_total_limit, len(protected))
+    for path in checkpoints:
+        if excess <= 0:
+            break
+        if os.path.normpath(path) not in protected:
+            remove_checkpoint(path)
+            excess -= 1
+
+
+def remove_stale_staging(run_dir):
+    """Staging folders left by a run killed while saving."""
+    if os.path.isdir(run_dir):
+        for name in os.listdir(run_dir):
+            if name.startswith(STAGING_PREFIX):
+                shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+
+
+# ---- Agreement between ranks ---------------------------------------------------------------------------------
+
+def ranks_where(flag, args):
+    """The ranks on which ``flag`` is true (every rank must call this at the same point)."""
+    if args.world_size == 1 or not torch.distributed.is_initialized():
+        return [0] if flag else []
+    flags = torch.zeros(args.world_size, device=args.device)
+    flags[args.process_index] = float(flag)
+    torch.distributed.all_reduce(flags)
+    return [rank for rank, value in enumerate(flags.tolist()) if value]
+
+
+# ---- Preemption ----------------------------------------------------------------------------------------------
+
+class PreemptionCallback(TrainerCallback):
+    """On SIGTERM, save a checkpoint at the next step boundary and stop training (all ranks together)."""
+
+    def __init__(self):
+        self.signalled = False
+        self.preempted_at = None
+        self._previous_handler = None
+
+    def _on_sigterm(self, signum, frame):
+        self.signalled = True
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if ranks_where(self.signalled, args):
+            self.preempted_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+
+
+def exit_if_preempted(trainer, preemption):
+    """After ``train()``: a preempted run skips the final model and evaluation and exits ``EXIT_PREEMPTED``."""
+    if preemption.preempted_at is None:
+        return
+    if trainer.is_world_process_zero():
+        script = os.path.basename(sys.argv[0]) or "lmcompress"
+        print(f"{script}: preempted (SIGTERM): saved {PREFIX_CHECKPOINT_DIR}-{preemption.preempted_at} in "
+              f"{trainer.args.output_dir}; re-run with --resume_from_checkpoint auto to continue",
+              file=sys.stderr, flush=True)
+    sys.exit(EXIT_PREEMPTED)
+
+
+# ---- Non-finite losses ---------------------------------------------------------------------------------------
+
+class NonFiniteLoss(UserError):
+    """A NaN or infinite training loss, on some rank."""
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Checks every micro-batch's loss; before each optimiser step the ranks agree whether any was non-finite.
+
+    Then all ranks stop with ``NonFiniteLoss`` naming the step, or, with ``skip``, drop the step's gradients so
+    the optimiser leaves the weights as they were, and count it.
+    """
+
+    def __init__(self, skip=False):
+        self.skip = skip
+        self.skipped = 0
+        self._seen_nonfinite = False
+
+    def observe(self, loss):
+        if not torch.isfinite(loss).all():
+            self._seen_nonfinite = True
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        bad_ranks = ranks_where(self._seen_nonfinite, args)
+        self._seen_nonfinite = False
+        if not bad_ranks:
+            return
+        step = state.global_step + 1
+        where = f"rank{'s' if len(bad_ranks) > 1 else ''} {', '.join(map(str, bad_ranks))}"
+        if not self.skip:
+            raise NonFiniteLoss(f"non-finite training loss at step {step} on {where}; the last checkpoint holds the "
+                                "weights before it; lower --learning_rate, use --bf16 instead of --fp16, or pass "
+                                "--skip_nonfinite to skip such steps")
+        model.zero_grad(set_to_none=True)
+        self.skipped += 1
+        if args.process_index == 0:
+            print(f"warning: non-finite training loss at step {step} on {where}: step skipped "
+                  f"({self.skipped} so far)", file=sys.stderr, flush=True)
