@@ -23,6 +23,7 @@ from .losses import DIVERGENCES, IGNORE_INDEX, cosine_loss, kd_loss, lm_loss, ms
 from .models import load_causal_lm, load_config
 from .training import (LMTrainer, ProjectTrainingArguments, autocast_dtype, parse_training_args, prepare_data,
                        prepare_run, train_and_evaluate)
+from .throughput import add_throughput_callback
 from .truncation import TRUNCATION_FILE
 from .vocab import load_tokenizer, tokenizer_fingerprint
 
@@ -316,6 +317,7 @@ def build_trainer(argv=None):
                                   eval_tokens=data.eval_tokens, block_size=data.block_size,
                                   run_info={"block_size": data.block_size, "data": data.folder}, teacher=teacher,
                                   distillation_args=args)
+    add_throughput_callback(trainer, teacher=teacher)  # tokens/s and MFU (teacher forward counted) in every log
     return trainer, resume
 
 

@@ -10,7 +10,8 @@ from .data import DataArguments, check_vocabulary, choose_block_size, resolve_to
 from .errors import UserError, entry_point
 from .jsonio import write_json
 from .models import load_causal_lm, load_config, n_positions
-from .perplexity import perplexity_from, reduce_sums, stream_nll, word_perplexity
+from .perplexity import perplexity_from, reduce_sums, stream_nll, window_spans, word_perplexity
+from .throughput import evaluation_throughput
 from .tokenfiles import open_split, read_meta
 from .training import parse_training_args
 from .vocab import load_tokenizer
@@ -28,6 +29,8 @@ class EvaluationArguments:
     deepspeed: str = dataclasses.field(default=None, metadata={"help": "DeepSpeed config JSON (ZeRO inference)"})
     output_file: str = dataclasses.field(default=None, metadata={"help": "JSON result (default: MODEL/perplexity.json)"})
     local_rank: int = dataclasses.field(default=-1, metadata={"help": "legacy torch.distributed.launch flag"})
+    peak_tflops: float = dataclasses.field(default=None, metadata={"help": "peak TFLOPs per device for the reported "
+                                                                           "MFU (default: known GPUs by name)"})
 
     def __post_init__(self):
         if self.deepspeed:
@@ -120,7 +123,9 @@ def main(argv=None):
         "word_perplexity": word_perplexity(loss, split_meta["n_tokens"], split_meta.get("n_words")),
         "n_words": split_meta.get("n_words"), "precision": str(dtype or torch.float32).replace("torch.", ""),
         "world_size": world_size, "runtime_seconds": round(runtime, 3),
-        "tokens_per_second": round(n_scored / max(runtime, 1e-9), 1),
+        # tokens/s of scored tokens; MFU (forward FLOPs of every token fed, windows overlap) when the peak is known
+        **evaluation_throughput(model, block_size, n_scored, runtime, args.peak_tflops, world_size,
+                                n_fed=len(window_spans(len(tokens), block_size, stride)) * block_size),
     }
     if rank == 0:
         output_file = args.output_file or os.path.join(args.model_name_or_path, "perplexity.json")

@@ -23,6 +23,7 @@ from .jsonio import write_json
 from .models import is_trained_model_folder, load_causal_lm, load_config, n_positions
 from .perplexity import perplexity_from, reduce_sums, stream_nll
 from .tokenfiles import open_split, read_meta
+from .throughput import add_throughput_callback
 from .vocab import load_tokenizer
 
 
@@ -43,6 +44,8 @@ class ProjectTrainingArguments(TrainingArguments):
                                                                                     "already holds a trained model"})
     report_to: str = dataclasses.field(default="tensorboard", metadata={"help": "tensorboard (default), none, ..."})
     remove_unused_columns: bool = dataclasses.field(default=False, metadata={"help": "keep the blocks' shift_labels"})
+    peak_tflops: float = dataclasses.field(default=None, metadata={"help": "peak TFLOPs per device for the logged MFU "
+                                                                           "(default: known GPUs by name)"})
     skip_nonfinite: bool = dataclasses.field(default=False, metadata={"help": "skip an optimiser step whose loss is "
                                                                               "NaN or infinite on any rank (counted "
                                                                               "as nonfinite_skipped) instead of "
@@ -277,6 +280,7 @@ def build_trainer(argv=None):
                         data_collator=default_data_collator, processing_class=tokenizer,
                         eval_tokens=data.eval_tokens, block_size=data.block_size,
                         run_info={"block_size": data.block_size, "data": data.folder})
+    add_throughput_callback(trainer)  # tokens/s and MFU in every log (TensorBoard, stdout)
     return trainer, resume
 
 

@@ -1,0 +1,62 @@
+"""Throughput and MFU logging: the FLOPs formula, the MFU arithmetic, the peak table, the callback's log."""
+import types
+
+import pytest
+from transformers import GPT2Config
+
+from lmcompress.throughput import (ThroughputCallback, evaluation_throughput, flops_per_token, mfu,
+                                   peak_tflops_for)
+
+
+def test_flops_per_token_gpt2_small():
+    config = GPT2Config()  # 12 layers, 12 heads, 768 wide: 124,439,808 parameters
+    n = 124_439_808
+    assert flops_per_token(config, n, 1024) == 6 * n + 12 * 12 * 12 * 64 * 1024
+    assert flops_per_token(config, n, 1024, training=False) == pytest.approx((6 * n + 12 * 12 * 12 * 64 * 1024) / 3)
+
+
+def test_mfu_arithmetic():
+    assert mfu(1000.0, 1e9, 2.0) == pytest.approx(0.5)  # 1e12 FLOPs/s of 2e12
+    assert mfu(1000.0, 1e9, 1.0, n_devices=4) == pytest.approx(0.25)
+    assert mfu(1000.0, 1e9, None) is None
+
+
+def test_peak_table_lookup():
+    assert peak_tflops_for("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops_for("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops_for("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops_for("Tesla V100-SXM2-32GB") == 125.0
+    assert peak_tflops_for("NVIDIA L4") == 121.0
+    assert peak_tflops_for("NVIDIA L40S") == 362.0
+    assert peak_tflops_for("Some CPU") is None
+
+
+def _args(**kwargs):
+    return types.SimpleNamespace(per_device_train_batch_size=2, gradient_accumulation_steps=3, world_size=1, **kwargs)
+
+
+def test_callback_logs_tokens_per_second_and_mfu_with_a_peak():
+    model = types.SimpleNamespace(config=GPT2Config(n_layer=2, n_head=2, n_embd=128),
+                                  parameters=lambda: [types.SimpleNamespace(numel=lambda: 1000)])
+    callback = ThroughputCallback(block_size=64, peak_tflops=1e-3)
+    state = types.SimpleNamespace(global_step=0)
+    callback.on_train_begin(_args(), state, None, model=model)
+    callback._start -= 2.0  # two seconds ago
+    state.global_step = 4
+    logs = {"loss": 1.0}
+    callback.on_log(_args(), state, None, logs=logs)
+    assert logs["tokens_per_second"] == pytest.approx(4 * 2 * 3 * 64 / 2.0, rel=0.05)
+    expected = logs["tokens_per_second"] * flops_per_token(model.config, 1000, 64) / 1e9
+    assert logs["mfu"] == pytest.approx(expected, rel=1e-3)
+    eval_logs = {"eval_loss": 1.0}  # evaluation logs are left alone
+    callback.on_log(_args(), state, None, logs=eval_logs)
+    assert eval_logs == {"eval_loss": 1.0}
+
+
+def test_no_mfu_on_cpu_without_a_peak():
+    model = types.SimpleNamespace(config=GPT2Config(n_layer=2, n_head=2, n_embd=128),
+                                  parameters=lambda: [types.SimpleNamespace(numel=lambda: 1000)])
+    result = evaluation_throughput(model, 64, n_tokens=1000, seconds=2.0)
+    if "mfu" not in result:  # no known GPU here
+        assert result == {"tokens_per_second": 500.0}
+    assert evaluation_throughput(model, 64, 1000, 2.0, peak_tflops=1.0)["mfu"] > 0
