@@ -158,8 +158,8 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint_whole(tmp_path, train
     killed = run_one_thread(["tests/fault_probe.py", "train", *train_args(output_dir)],
                  env={"FAULT_KILL_IN_SAVE": 2 * SAVE_STEPS}, check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    assert list(output_dir.glob(f".staging-checkpoint-{2 * SAVE_STEPS}/checkpoint-*")), "killed in the middle of a save"
     assert sorted(path.name for path in output_dir.glob("checkpoint-*")) == [f"checkpoint-{SAVE_STEPS}"]
+    assert list(output_dir.glob(f".staging-checkpoint-{2 * SAVE_STEPS}/checkpoint-*")), "killed in the middle of a save"
     AutoModelForCausalLM.from_pretrained(output_dir / f"checkpoint-{SAVE_STEPS}")
 
     run_one_thread(["train.py", *train_args(output_dir, "--resume_from_checkpoint", "auto")])
@@ -189,19 +189,12 @@ def kill_and_resume_with_script(tmp_path, script, env, extra_flags):
 
 
 @pytest.mark.slow
-def test_train_sh_killed_then_rerun_with_resume_auto_ends_as_if_uninterrupted(tmp_path, tokenizer_dir, tiny_config,
-                                                                               small_corpus):
-    env = train_sh_env(tokenizer_dir, tiny_config, small_corpus, None)
-    _, resumed = kill_and_resume_with_script(tmp_path, "train.sh", env, ["--max_steps", STEPS, "--eval_strategy", "no",
-                                                                         "--save_total_limit", 2])
-    assert checkpoint_steps(resumed) == [STEPS - SAVE_STEPS, STEPS], "the limit keeps the newest checkpoints"
-
-
-@pytest.mark.slow
 def test_train_sh_on_two_ranks_killed_then_resumed_ends_as_if_uninterrupted(tmp_path, tokenizer_dir, tiny_config,
                                                                             small_corpus):
     env = train_sh_env(tokenizer_dir, tiny_config, small_corpus, None, NPROC_PER_NODE=2, BATCH_SIZE=4)
-    kill_and_resume_with_script(tmp_path, "train.sh", env, ["--max_steps", STEPS, "--eval_strategy", "no"])
+    _, resumed = kill_and_resume_with_script(tmp_path, "train.sh", env, ["--max_steps", STEPS, "--eval_strategy", "no",
+                                                                         "--save_total_limit", 2])
+    assert checkpoint_steps(resumed) == [STEPS - SAVE_STEPS, STEPS], "the limit keeps the newest checkpoints"
 
 
 @pytest.mark.slow
@@ -234,17 +227,17 @@ def test_sigterm_saves_a_checkpoint_at_the_next_step_and_exits(tmp_path, train_a
 
 
 @pytest.mark.slow
-def test_sigterm_to_torchrun_stops_both_ranks_at_one_checkpoint(tmp_path, train_args):
-    output_dir = tmp_path / "out"
+def test_sigterm_to_one_rank_stops_both_ranks_at_one_checkpoint(tmp_path, train_args):
+    output_dir, pids = tmp_path / "out", tmp_path / "pids"
     process = start([*torchrun(), "tests/fault_probe.py", "train", *train_args(output_dir, "--max_steps", 5000)],
-                    {"FAULT_PID_DIR": tmp_path / "pids"}, tmp_path / "log")
-    wait_until(lambda: checkpoint_steps(output_dir), process, "first checkpoint")
-    os.kill(process.pid, signal.SIGTERM)  # torchrun passes it on to both ranks
+                    {"FAULT_PID_DIR": pids}, tmp_path / "log")
+    wait_until(lambda: checkpoint_steps(output_dir) and (pids / "rank1.pid").exists(), process, "first checkpoint")
+    os.kill(int((pids / "rank1.pid").read_text()), signal.SIGTERM)
     finish_within(process)
     stderr = (process.log_dir / "stderr").read_text()
-    assert "preempted (SIGTERM)" in stderr
+    assert "preempted (SIGTERM)" in stderr, stderr[-3000:]
     saved = checkpoint_steps(output_dir)
-    assert saved[-1] > SAVE_STEPS and saved[-1] % SAVE_STEPS
+    assert saved[-1] > SAVE_STEPS and saved[-1] % SAVE_STEPS, "both ranks saved at the step the signal came"
     assert not list(output_dir.glob(".staging-*"))
 
 
