@@ -43,6 +43,36 @@ def distillation_step(student, teacher, optimizer, input_ids, args):
     optimizer.zero_grad(set_to_none=True)
 
 
+def original_distillation_step(student, teacher, optimizer, input_ids, args):
+    """The DistilGPT2 distiller's step (HuggingFace research_projects/distillation/distiller.py, causal LM):
+    full-vocabulary logits of both models selected by mask, in float32, KL via KLDivLoss(batchmean), the LM loss
+    over all logits, and the cosine loss over masked-selected hidden states."""
+    temperature = args.temperature
+    attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+    s_out = student(input_ids=input_ids, attention_mask=None, output_hidden_states=True)
+    with torch.no_grad():
+        t_out = teacher(input_ids=input_ids, attention_mask=None, output_hidden_states=True)
+    s_logits, t_logits = s_out.logits.float(), t_out.logits.float()
+    mask = attention_mask.unsqueeze(-1).expand_as(s_logits)
+    s_logits_slct = torch.masked_select(s_logits, mask).view(-1, s_logits.size(-1))
+    t_logits_slct = torch.masked_select(t_logits, mask).view(-1, s_logits.size(-1))
+    loss_ce = torch.nn.KLDivLoss(reduction="batchmean")(F.log_softmax(s_logits_slct / temperature, dim=-1),
+                                                        F.softmax(t_logits_slct / temperature, dim=-1)) * temperature ** 2
+    loss = args.alpha_ce * loss_ce
+    shift_logits = s_logits[..., :-1, :].contiguous()
+    shift_labels = input_ids[..., 1:].contiguous()
+    loss = loss + args.alpha_clm * F.cross_entropy(shift_logits.view(-1, shift_logits.size(-1)), shift_labels.view(-1))
+    s_hidden, t_hidden = s_out.hidden_states[-1], t_out.hidden_states[-1]
+    hidden_mask = attention_mask.unsqueeze(-1).expand_as(s_hidden)
+    s_slct = torch.masked_select(s_hidden, hidden_mask).view(-1, s_hidden.size(-1))
+    t_slct = torch.masked_select(t_hidden, hidden_mask).view(-1, s_hidden.size(-1))
+    target = s_slct.new(s_slct.size(0)).fill_(1)
+    loss = loss + args.alpha_cos * torch.nn.CosineEmbeddingLoss(reduction="mean")(s_slct, t_slct, target)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def median_seconds(step, repeats, device):
     step()  # warm-up
     times = []
@@ -112,6 +142,11 @@ def benchmark_step(cli, device):
 
     lm = median_seconds(lambda: lm_step(student, optimizer, input_ids), cli.repeats, device)
     kd = median_seconds(lambda: distillation_step(student, teacher, optimizer, input_ids, args), cli.repeats, device)
+    original = median_seconds(lambda: original_distillation_step(student, teacher, optimizer, input_ids, args),
+                              cli.repeats, device)
+    kd_peak = peak_bytes(lambda: distillation_step(student, teacher, optimizer, input_ids, args), device)
+    original_peak = peak_bytes(lambda: original_distillation_step(student, teacher, optimizer, input_ids, args),
+                               device)
     f_student = forward_flops_per_token(student, cli.block_size)
     f_teacher = forward_flops_per_token(teacher, cli.block_size)
     predicted = (3 * f_student + f_teacher) / (3 * f_student)
@@ -119,8 +154,15 @@ def benchmark_step(cli, device):
           f"vocabulary {cli.vocab_size}, batch {cli.batch_size}×{cli.block_size}, {device.type}")
     print(f"  plain LM step      {lm * 1000:9.1f} ms (median of {cli.repeats})")
     print(f"  distillation step  {kd * 1000:9.1f} ms (median of {cli.repeats}; alpha_ce 5, clm 2, cos 1)")
+    print(f"  original distiller {original * 1000:9.1f} ms (DistilGPT2's step: float32 logits, KLDivLoss)")
     print(f"  ratio measured {kd / lm:.2f}, predicted by FLOPs {predicted:.2f} "
           "((3·student + teacher forward) / (3·student))")
+    tokens = cli.batch_size * cli.block_size
+    return {"stage": f"(c) distillation step, {cli.n_layer}x{cli.n_embd} -> {len(layers)} layers, batch "
+                     f"{cli.batch_size}x{cli.block_size}", "baseline": "DistilGPT2 distiller's step", "unit": "ms/step",
+            "ours": kd * 1000, "base": original * 1000, "speedup": original / kd, "ours_mb": kd_peak / 2**20,
+            "base_mb": original_peak / 2**20, "memory": "allocated in step", "tokens_per_second": tokens / kd,
+            "note": f"distillation / plain LM step {kd / lm:.2f} (FLOPs predict {predicted:.2f})"}
 
 
 def benchmark_memory(cli, device):
@@ -137,6 +179,9 @@ def benchmark_memory(cli, device):
     print(f"  naive (both distributions in float32)  peak {naive / 2**20:8.0f} MiB")
     print(f"  chunked kd_loss                        peak {chunked / 2**20:8.0f} MiB")
     print(f"  ratio {chunked / naive:.2f} (target <= 0.5)")
+    return {"stage": f"(c') KD loss, {shape[0]}x{shape[1]} positions, vocabulary {shape[2]}", "baseline": "naive float32 KL",
+            "unit": "MiB", "ours": chunked / 2**20, "base": naive / 2**20, "speedup": None, "ours_mb": chunked / 2**20,
+            "base_mb": naive / 2**20, "memory": "allocated in loss", "tokens_per_second": None}
 
 
 def main(argv=None):
@@ -152,10 +197,10 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     cli = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    benchmark_step(cli, device)
+    step_row = benchmark_step(cli, device)
     memory_cli = argparse.Namespace(**{**vars(cli), "batch_size": cli.memory_batch_size,
                                        "block_size": cli.memory_block_size})
-    benchmark_memory(memory_cli, device)
+    return [step_row, benchmark_memory(memory_cli, device)]
 
 
 if __name__ == "__main__":
