@@ -135,6 +135,9 @@ check "distil ZeRO-3 fp16" distil "$WORK_DIR/distil-zero3" \
   env $(distil_env fp16 "$WORK_DIR/distil-zero3") DS_CONFIG=ds_config_zero3.json bash distil_deepspeed.sh "${FLAGS[@]}"
 check "evaluate fp16" eval "$WORK_DIR/train-fp16" \
   env MODEL="$WORK_DIR/train-fp16" TEST_FILE="$DATA/test.txt" PRECISION=fp16 BLOCK_SIZE="$BLOCK_SIZE" bash evaluate.sh
+# bf16 evaluation (the figure: run the whole script with BLOCK_SIZE=1024 for block 1024 throughout)
+check "evaluate bf16" eval "$WORK_DIR/train-bf16" \
+  env MODEL="$WORK_DIR/train-bf16" TEST_FILE="$DATA/test.txt" PRECISION=bf16 BLOCK_SIZE="$BLOCK_SIZE" bash evaluate.sh
 check "evaluate ZeRO-3 fp16" eval "$WORK_DIR/zero3" \
   env MODEL="$WORK_DIR/zero3" TEST_FILE="$DATA/test.txt" PRECISION=fp16 BLOCK_SIZE="$BLOCK_SIZE" \
   DS_CONFIG=ds_config_zero3.json bash evaluate_deepspeed.sh
