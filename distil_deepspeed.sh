@@ -1,67 +1,16 @@
 #!/usr/bin/env bash
-# Distil GPT-2 into a truncated student on OpenWebText with the paper's settings, under DeepSpeed (distil.sh's twin).
-# Under ZeRO-3 the teacher is partitioned too and runs as ZeRO inference. Override any setting from the
-# environment and append distiller.py flags, e.g.
+# Distil GPT-2 into a truncated student on OpenWebText with the paper's settings, under DeepSpeed: distil.sh's twin, with the same variables and
+# defaults (set them as for distil.sh) plus the DeepSpeed ones below.
+# Under ZeRO-3 the teacher is partitioned too and runs as ZeRO inference. For example:
 #   STUDENT=outputs/truncated/gpt2-distil NPROC_PER_NODE=8 bash distil_deepspeed.sh --max_steps 100
 #   HOSTFILE=hostfile DS_CONFIG=ds_config_zero3.json bash distil_deepspeed.sh
 set -euo pipefail
 
-TEACHER=${TEACHER:-gpt2}
-STUDENT=${STUDENT:-outputs/truncated/gpt2-distil}   # a truncate.py folder
-STUDENT_CONFIG=${STUDENT_CONFIG:-}     # a config JSON: a new student instead of STUDENT
-STUDENT_WEIGHTS=${STUDENT_WEIGHTS:-}   # with STUDENT_CONFIG: a state dict to start from
-TOKENIZER=${TOKENIZER:-}               # default: the student's, else the teacher's
-OUTPUT_DIR=${OUTPUT_DIR:-outputs/distil}
-DATASET_DIR=${DATASET_DIR:-}           # a tokenize_datasets.py folder (recommended for OpenWebText: tokenize once)
-TRAIN_FILE=${TRAIN_FILE:-}
-VALIDATION_FILE=${VALIDATION_FILE:-}
-TEST_FILE=${TEST_FILE:-}
-DATASET_NAME=${DATASET_NAME:-openwebtext}
-DATASET_CONFIG=${DATASET_CONFIG:-}
-EPOCHS=${EPOCHS:-4}
-BLOCK_SIZE=${BLOCK_SIZE:-1024}
-BATCH_SIZE=${BATCH_SIZE:-4}
-EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-4}
-GRAD_ACC=${GRAD_ACC:-128}
-TEMPERATURE=${TEMPERATURE:-2.0}
-ALPHA_CE=${ALPHA_CE:-5.0}
-ALPHA_CLM=${ALPHA_CLM:-2.0}
-ALPHA_COS=${ALPHA_COS:-1.0}
-ALPHA_MSE=${ALPHA_MSE:-0.0}
-DIVERGENCE=${DIVERGENCE:-forward_kl}   # forward_kl | reverse_kl | jsd
-JSD_BETA=${JSD_BETA:-0.5}
-LEARNING_RATE=${LEARNING_RATE:-2.5e-4}
-WARMUP_RATIO=${WARMUP_RATIO:-0.05}
-WEIGHT_DECAY=${WEIGHT_DECAY:-0.0}
-ADAM_EPSILON=${ADAM_EPSILON:-1e-6}
-MAX_GRAD_NORM=${MAX_GRAD_NORM:-5.0}
-FREEZE_POS_EMBS=${FREEZE_POS_EMBS:-1}  # 1: do not train the position embeddings
-SAVE_STEPS=${SAVE_STEPS:-500}
-LOGGING_STEPS=${LOGGING_STEPS:-10}
-SEED=${SEED:-56}                       # the original distiller's seed
-PRECISION=${PRECISION:-}               # fp32 | fp16 | bf16 (default: fp16 on CUDA, else fp32)
-RESUME=${RESUME:-}                     # auto: continue from the newest complete checkpoint in OUTPUT_DIR, if any
-DS_CONFIG=${DS_CONFIG:-ds_config.json}  # ZeRO-2 with optimizer offload; ds_config_zero3.json partitions student and teacher
+DS_CONFIG=${DS_CONFIG:-ds_config.json}  # ZeRO-2 with optimizer offload; ds_config_zero3.json partitions the parameters too
 HOSTFILE=${HOSTFILE:-}                 # multi-node: "host slots=N" lines; the deepspeed launcher reaches them over ssh
 INCLUDE=${INCLUDE:-}                   # e.g. localhost:0,1 or worker-1@worker-2:0 (instead of NPROC_PER_NODE)
 EXCLUDE=${EXCLUDE:-}                   # e.g. worker-2:3
 MASTER_PORT=${MASTER_PORT:-29500}
-NPROC_PER_NODE=${NPROC_PER_NODE:-}     # processes on this node without HOSTFILE (default: number of GPUs, else 1)
 
-source "$(dirname "$0")/scripts/lib.sh"
-
-if [[ -n "$STUDENT_CONFIG" ]]; then
-  STUDENT_ARGS="--student_config $STUDENT_CONFIG ${STUDENT_WEIGHTS:+--student_pretrained_weights $STUDENT_WEIGHTS}"
-else STUDENT_ARGS="--student_name_or_path $STUDENT"; fi
-FREEZE_ARGS=$([[ "$FREEZE_POS_EMBS" == 1 ]] && echo --freeze_pos_embs || echo "")
-
-# shellcheck disable=SC2046
-run_deepspeed distiller.py --teacher_name_or_path "$TEACHER" $STUDENT_ARGS ${TOKENIZER:+--tokenizer_name $TOKENIZER} \
-  $(data_args) $(precision_args) --output_dir "$OUTPUT_DIR" --num_train_epochs "$EPOCHS" --block_size "$BLOCK_SIZE" \
-  --per_device_train_batch_size "$BATCH_SIZE" --per_device_eval_batch_size "$EVAL_BATCH_SIZE" \
-  --gradient_accumulation_steps "$GRAD_ACC" --temperature "$TEMPERATURE" --alpha_ce "$ALPHA_CE" \
-  --alpha_clm "$ALPHA_CLM" --alpha_cos "$ALPHA_COS" --alpha_mse "$ALPHA_MSE" --divergence "$DIVERGENCE" \
-  --jsd_beta "$JSD_BETA" $FREEZE_ARGS --learning_rate "$LEARNING_RATE" --warmup_ratio "$WARMUP_RATIO" \
-  --weight_decay "$WEIGHT_DECAY" --adam_epsilon "$ADAM_EPSILON" --max_grad_norm "$MAX_GRAD_NORM" --do_eval \
-  --save_steps "$SAVE_STEPS" --logging_steps "$LOGGING_STEPS" --seed "$SEED" --report_to tensorboard \
-  ${RESUME:+--resume_from_checkpoint "$RESUME"} "$@"
+export DS_CONFIG HOSTFILE INCLUDE EXCLUDE MASTER_PORT LAUNCHER=deepspeed
+exec bash "$(dirname "$0")/distil.sh" "$@"

@@ -1,50 +1,15 @@
 #!/usr/bin/env bash
-# Fine-tune a causal LM on WikiText-103 with the paper's settings, under DeepSpeed (train.sh's twin).
-# Override any setting from the environment and append train.py flags, e.g.
+# Fine-tune a causal LM on WikiText-103 with the paper's settings, under DeepSpeed: train.sh's twin, with the same variables and
+# defaults (set them as for train.sh) plus the DeepSpeed ones below. For example:
 #   MODEL=outputs/pretrain NPROC_PER_NODE=2 bash train_deepspeed.sh --max_steps 100
 #   HOSTFILE=hostfile DS_CONFIG=ds_config_zero3.json bash train_deepspeed.sh
 set -euo pipefail
 
-MODEL=${MODEL:-gpt2}
-CONFIG=${CONFIG:-}                     # a config JSON: random initialisation instead of MODEL's weights
-TOKENIZER=${TOKENIZER:-}               # default: MODEL's tokenizer
-OUTPUT_DIR=${OUTPUT_DIR:-outputs/finetune}
-DATASET_DIR=${DATASET_DIR:-}           # a tokenize_datasets.py folder; else the files; else the hub dataset
-TRAIN_FILE=${TRAIN_FILE:-}
-VALIDATION_FILE=${VALIDATION_FILE:-}
-TEST_FILE=${TEST_FILE:-}
-DATASET_NAME=${DATASET_NAME:-wikitext}
-DATASET_CONFIG=${DATASET_CONFIG:-wikitext-103-raw-v1}
-EPOCHS=${EPOCHS:-6}
-BLOCK_SIZE=${BLOCK_SIZE:-1024}
-BATCH_SIZE=${BATCH_SIZE:-8}
-EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-8}
-GRAD_ACC=${GRAD_ACC:-16}
-LEARNING_RATE=${LEARNING_RATE:-5e-5}
-WARMUP_RATIO=${WARMUP_RATIO:-0.0}
-WEIGHT_DECAY=${WEIGHT_DECAY:-0.0}
-SAVE_STEPS=${SAVE_STEPS:-500}
-LOGGING_STEPS=${LOGGING_STEPS:-50}
-SEED=${SEED:-42}
-PRECISION=${PRECISION:-}               # fp32 | fp16 | bf16 (default: fp16 on CUDA, else fp32)
-RESUME=${RESUME:-}                     # auto: continue from the newest complete checkpoint in OUTPUT_DIR, if any
 DS_CONFIG=${DS_CONFIG:-ds_config.json}  # ZeRO-2 with optimizer offload; ds_config_zero3.json partitions the parameters too
 HOSTFILE=${HOSTFILE:-}                 # multi-node: "host slots=N" lines; the deepspeed launcher reaches them over ssh
 INCLUDE=${INCLUDE:-}                   # e.g. localhost:0,1 or worker-1@worker-2:0 (instead of NPROC_PER_NODE)
 EXCLUDE=${EXCLUDE:-}                   # e.g. worker-2:3
 MASTER_PORT=${MASTER_PORT:-29500}
-NPROC_PER_NODE=${NPROC_PER_NODE:-}     # processes on this node without HOSTFILE (default: number of GPUs, else 1)
 
-source "$(dirname "$0")/scripts/lib.sh"
-
-if [[ -n "$CONFIG" ]]; then MODEL_ARGS="--config_name $CONFIG --tokenizer_name ${TOKENIZER:-$MODEL}"
-else MODEL_ARGS="--model_name_or_path $MODEL ${TOKENIZER:+--tokenizer_name $TOKENIZER}"; fi
-
-# shellcheck disable=SC2046
-run_deepspeed train.py $MODEL_ARGS $(data_args) $(precision_args) \
-  --output_dir "$OUTPUT_DIR" --num_train_epochs "$EPOCHS" --block_size "$BLOCK_SIZE" \
-  --per_device_train_batch_size "$BATCH_SIZE" --per_device_eval_batch_size "$EVAL_BATCH_SIZE" \
-  --gradient_accumulation_steps "$GRAD_ACC" --learning_rate "$LEARNING_RATE" --warmup_ratio "$WARMUP_RATIO" \
-  --weight_decay "$WEIGHT_DECAY" --do_eval --eval_strategy epoch --save_steps "$SAVE_STEPS" \
-  --logging_steps "$LOGGING_STEPS" --seed "$SEED" --report_to tensorboard \
-  ${RESUME:+--resume_from_checkpoint "$RESUME"} "$@"
+export DS_CONFIG HOSTFILE INCLUDE EXCLUDE MASTER_PORT LAUNCHER=deepspeed
+exec bash "$(dirname "$0")/train.sh" "$@"

@@ -34,10 +34,13 @@ precision_args() {
   esac
 }
 
-# run SCRIPT ARGS...: plain python for one process, torchrun for several.
+# run SCRIPT ARGS...: plain python for one process, torchrun for several, the deepspeed launcher when a
+# *_deepspeed.sh twin set LAUNCHER=deepspeed.
 run() {
   local script=$1; shift
-  if (( NPROC_PER_NODE * NNODES > 1 )); then
+  if [[ "${LAUNCHER:-}" == deepspeed ]]; then
+    run_deepspeed "$script" "$@"
+  elif (( NPROC_PER_NODE * NNODES > 1 )); then
     set -x
     "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
       --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$REPO/$script" "$@"
