@@ -23,12 +23,12 @@ case "$SCALE" in
     TEACHER_LAYERS=${TEACHER_LAYERS:-4}
     STUDENT_LAYERS=${STUDENT_LAYERS:-2}
     WIDTH=${WIDTH:-128}
-    VOCAB_SIZE=${VOCAB_SIZE:-8192}          # of the BPE trained here when GPT-2's is not in the hub cache
+    VOCAB_SIZE=${VOCAB_SIZE:-4096}          # of the BPE trained here when GPT-2's is not in the hub cache
     BLOCK_SIZE=${BLOCK_SIZE:-128}
     BATCH_SIZE=${BATCH_SIZE:-16}
-    TEACHER_STEPS=${TEACHER_STEPS:-600}     # the teacher's own pre-training
-    STUDENT_STEPS=${STUDENT_STEPS:-120}     # each student's pre-training or distillation
-    FINETUNE_STEPS=${FINETUNE_STEPS:-100}   # every row's fine-tuning
+    TEACHER_STEPS=${TEACHER_STEPS:-900}     # the teacher's own pre-training
+    STUDENT_STEPS=${STUDENT_STEPS:-40}      # each student's pre-training or distillation
+    FINETUNE_STEPS=${FINETUNE_STEPS:-60}   # every row's fine-tuning
     PROMPT=${PROMPT:-"The for statement is used to"}
     # every stage: one process, full precision, a fixed number of steps, no intermediate checkpoints
     export NPROC_PER_NODE=${NPROC_PER_NODE:-1} PRECISION=${PRECISION:-fp32} BLOCK_SIZE BATCH_SIZE EVAL_BATCH_SIZE=16 \
@@ -36,7 +36,7 @@ case "$SCALE" in
     QUIET="--save_strategy no --report_to none --disable_tqdm True"
     PRETRAIN_FLAGS="--max_steps $TEACHER_STEPS --learning_rate 2e-3 $QUIET"
     STUDENT_FLAGS="--max_steps $STUDENT_STEPS --learning_rate 1e-3 $QUIET"
-    FINETUNE_FLAGS="--max_steps $FINETUNE_STEPS --learning_rate 1e-3 --eval_strategy steps --eval_steps 25 $QUIET"
+    FINETUNE_FLAGS="--max_steps $FINETUNE_STEPS --learning_rate 1e-3 --eval_strategy steps --eval_steps 30 $QUIET"
     STUDENT_CONFIG=$ROOT/inputs/student-config.json
     ;;
   paper)
