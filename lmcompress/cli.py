@@ -2,8 +2,6 @@
 import argparse
 import sys
 
-from transformers import HfArgumentParser
-
 
 class _OneLineErrors:
     def error(self, message):
@@ -15,5 +13,20 @@ class ArgumentParser(_OneLineErrors, argparse.ArgumentParser):
     pass
 
 
-class DataclassArgumentParser(_OneLineErrors, HfArgumentParser):
-    pass
+def parse_dataclass_args(dataclass_types, prog, argv=None):
+    """Parse flags into HuggingFace-style argument dataclasses; an unknown flag is a one-line error.
+
+    transformers is imported here, not at module level, so tools that only need ``ArgumentParser``
+    (tokenize_datasets.py) start without it.
+    """
+    from transformers import HfArgumentParser
+
+    class DataclassArgumentParser(_OneLineErrors, HfArgumentParser):
+        pass
+
+    parser = DataclassArgumentParser(dataclass_types)
+    parser.prog = prog
+    *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return parsed

@@ -6,6 +6,7 @@ import time
 import torch
 
 from . import deepspeed_support
+from .cli import parse_dataclass_args
 from .data import DataArguments, check_vocabulary, choose_block_size, resolve_token_folder
 from .errors import UserError, entry_point
 from .jsonio import write_json
@@ -13,7 +14,6 @@ from .models import load_causal_lm, load_config, n_positions
 from .perplexity import perplexity_from, reduce_sums, stream_nll, window_spans, word_perplexity
 from .throughput import evaluation_throughput
 from .tokenfiles import open_split, read_meta
-from .training import parse_training_args
 from .vocab import load_tokenizer
 
 
@@ -92,7 +92,7 @@ def load_model(args, config, dtype, device):
 
 @entry_point
 def main(argv=None):
-    args, data_args = parse_training_args((EvaluationArguments, DataArguments), "evaluate.py", argv)
+    args, data_args = parse_dataclass_args((EvaluationArguments, DataArguments), "evaluate.py", argv)
     if not args.model_name_or_path:
         raise UserError("--model_name_or_path is required")
     rank, world_size, device = init_distributed()

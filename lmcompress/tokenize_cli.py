@@ -1,19 +1,9 @@
 """tokenize_datasets.py: raw text (local files or a hub dataset) → optional cleaning → a token folder."""
-import argparse
-import sys
-
 from .cleaning import CleaningOptions
+from .cli import ArgumentParser
 from .errors import UserError, entry_point
 from .tokenization import TextSources, tokenize_to_folder
 from .vocab import load_backend_tokenizer
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """lmcompress.cli's one-line errors, without importing transformers (its HfArgumentParser) for this tool."""
-
-    def error(self, message):
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
 
 
 def parse_args(argv=None):

@@ -16,7 +16,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import deepspeed_support, faults
-from .cli import DataclassArgumentParser
+from .cli import parse_dataclass_args
 from .data import BlockDataset, DataArguments, check_vocabulary, choose_block_size, resolve_token_folder
 from .errors import UserError, entry_point
 from .jsonio import write_json
@@ -152,15 +152,6 @@ class LMTrainer(Trainer):
         return metrics
 
 
-def parse_training_args(dataclass_types, prog, argv=None):
-    parser = DataclassArgumentParser(dataclass_types)
-    parser.prog = prog
-    *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    return parsed
-
-
 def check_output_dir(args):
     """Refuse to train over a trained model unless told to overwrite or resume."""
     if args.resume_from_checkpoint or args.overwrite_output_dir:
@@ -264,7 +255,7 @@ def prepare_run(training_args):
 
 def build_trainer(argv=None):
     """Parse train.py's flags and build its LMTrainer; returns ``(trainer, checkpoint_to_resume)``."""
-    model_args, data_args, training_args = parse_training_args(
+    model_args, data_args, training_args = parse_dataclass_args(
         (ModelArguments, DataArguments, ProjectTrainingArguments), "train.py", argv)
     resume = prepare_run(training_args)
     tokenizer_name = model_args.tokenizer_name or model_args.model_name_or_path

@@ -9,7 +9,7 @@ import os
 import re
 import shutil
 
-from .cli import DataclassArgumentParser
+from .cli import parse_dataclass_args
 from .errors import UserError, entry_point
 from .jsonio import write_json
 from .models import is_trained_model_folder, load_causal_lm, load_config
@@ -156,9 +156,7 @@ class TruncationArguments:
 
 @entry_point
 def main(argv=None):
-    parser = DataclassArgumentParser(TruncationArguments)
-    parser.prog = "truncate.py"
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    (args,) = parse_dataclass_args(TruncationArguments, "truncate.py", argv)
     if not args.teacher_name_or_path or not args.output_dir:
         raise UserError("--teacher_name_or_path and --output_dir are required")
     check_output_folder(args.output_dir, args.overwrite_output_dir)
