@@ -11,6 +11,7 @@ import sys
 
 import torch
 from transformers import TrainerCallback
+from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .errors import UserError
@@ -189,3 +190,33 @@ class NonFiniteGuard(TrainerCallback):
         if args.process_index == 0:
             print(f"warning: non-finite training loss at step {step} on {where}: step skipped "
                   f"({self.skipped} so far)", file=sys.stderr, flush=True)
+
+
+# ---- Logs that survive a resume ------------------------------------------------------------------------------
+
+class ResumableTensorBoardCallback(TensorBoardCallback):
+    """TensorBoard events in ``logging_dir``; a resumed run purges the events that the interrupted run wrote
+    after the checkpoint it resumes from, so that every step appears once (TensorBoard hides earlier files'
+    events at or after ``purge_step``; those of the checkpoint's own step were logged before it was saved)."""
+
+    def __init__(self, logging_dir):
+        super().__init__()
+        self.logging_dir = logging_dir
+        self._purge_step = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._purge_step = state.global_step + 1 if state.global_step else None  # the checkpoint's step, resumed
+        super().on_train_begin(args, state, control, **kwargs)
+
+    def _init_summary_writer(self, args):
+        self.tb_writer = self._SummaryWriter(log_dir=self.logging_dir, purge_step=self._purge_step)
+
+
+def use_resumable_tensorboard(trainer):
+    """Swap the Trainer's TensorBoard callback (when ``report_to`` has it) for ``ResumableTensorBoardCallback``,
+    writing to ``$TENSORBOARD_LOGGING_DIR`` or else ``output_dir/runs``."""
+    if not any(isinstance(callback, TensorBoardCallback) for callback in trainer.callback_handler.callbacks):
+        return
+    trainer.remove_callback(TensorBoardCallback)
+    logging_dir = os.environ.get("TENSORBOARD_LOGGING_DIR") or os.path.join(trainer.args.output_dir, "runs")
+    trainer.add_callback(ResumableTensorBoardCallback(os.path.expanduser(logging_dir)))

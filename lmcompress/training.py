@@ -95,7 +95,16 @@ class LMTrainer(Trainer):
         self.preemption = faults.PreemptionCallback()
         self.add_callback(self.nonfinite_guard)
         self.add_callback(self.preemption)
+        faults.use_resumable_tensorboard(self)
         self._staging_dir = None
+
+    def _run_epoch(self, *args, **kwargs):
+        # Resumed from a checkpoint at --max_steps, the Trainer would still run one step of the current epoch
+        # (it checks the step count only after a step) and save a checkpoint past the end.
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return
+        super()._run_epoch(*args, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -248,7 +257,6 @@ def prepare_run(training_args):
     """Checks and environment shared by every training entry point; returns the checkpoint to resume from."""
     check_precision(training_args)
     check_output_dir(training_args)
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(training_args.output_dir, "runs"))
     set_seed(training_args.seed)
     return resolve_resume(training_args)
 

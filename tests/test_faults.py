@@ -3,6 +3,7 @@ a dead rank. Faults that cannot be caused from outside are injected by tests/fau
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -151,20 +152,41 @@ def test_rotation_never_deletes_the_newest_checkpoint(tmp_path):
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".")], "no leftovers"
 
 
+def tensorboard_steps(logging_dir, tag="train/loss"):
+    """The steps of ``tag`` as TensorBoard shows them (it drops events purged by a later run's purge_step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(logging_dir))
+    events.Reload()
+    return [event.step for event in events.Scalars(tag)]
+
+
 def test_kill_during_a_save_leaves_the_previous_checkpoint_whole(tmp_path, train_args, straight):
     from transformers import AutoModelForCausalLM
 
     output_dir = tmp_path / "out"
-    killed = run_one_thread(["tests/fault_probe.py", "train", *train_args(output_dir)],
+    logged = ["--report_to", "tensorboard", "--logging_steps", 5]
+    killed = run_one_thread(["tests/fault_probe.py", "train", *train_args(output_dir, *logged)],
                  env={"FAULT_KILL_IN_SAVE": 2 * SAVE_STEPS}, check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert sorted(path.name for path in output_dir.glob("checkpoint-*")) == [f"checkpoint-{SAVE_STEPS}"]
     assert list(output_dir.glob(f".staging-checkpoint-{2 * SAVE_STEPS}/checkpoint-*")), "killed in the middle of a save"
     AutoModelForCausalLM.from_pretrained(output_dir / f"checkpoint-{SAVE_STEPS}")
 
-    run_one_thread(["train.py", *train_args(output_dir, "--resume_from_checkpoint", "auto")])
+    run_one_thread(["train.py", *train_args(output_dir, "--resume_from_checkpoint", "auto", *logged)])
     assert_same_weights(weights(straight), weights(output_dir))
     assert not list(output_dir.glob(".staging-*")), "the resumed run cleared the half-written checkpoint"
+    assert tensorboard_steps(output_dir / "runs") == list(range(5, STEPS + 1, 5)), \
+        "the steps logged after the checkpoint by the killed run appear once"
+
+
+def test_resuming_from_the_last_checkpoint_takes_no_step_past_max_steps(tmp_path, train_args, straight):
+    output_dir = tmp_path / "out"
+    shutil.copytree(straight / f"checkpoint-{STEPS}", output_dir / f"checkpoint-{STEPS}")
+    run_one_thread(["train.py", *train_args(output_dir, "--resume_from_checkpoint", "auto")])
+    assert checkpoint_steps(output_dir) == [STEPS]
+    assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == STEPS
+    assert_same_weights(weights(straight), weights(output_dir), atol=0)
 
 
 # ---- Kill and resume -------------------------------------------------------------------------------------------
