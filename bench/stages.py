@@ -183,7 +183,7 @@ def evaluate_ours(spec, folder_key="tokens", block_size=None, stride=None):
     output = os.path.join(spec["work"], f"eval-ours-{stride}.json")
     argv = ["--model_name_or_path", spec["model"], "--dataset_dir", spec[folder_key], "--split", "test",
             "--block_size", str(block_size), "--per_device_eval_batch_size", str(spec["eval_batch_size"]),
-            "--output_file", output] + (["--stride", str(stride)] if stride else [])
+            "--output_file", output, "--report_to", "none"] + (["--stride", str(stride)] if stride else [])
     runs = []
     for _ in range(spec["repeats"]):
         main(argv)

@@ -1,7 +1,10 @@
 """User-facing errors: one clear line and a non-zero exit, never a traceback from deep inside a library."""
+import errno
 import functools
 import os
+import shutil
 import sys
+import tempfile
 
 
 class UserError(Exception):
@@ -9,6 +12,12 @@ class UserError(Exception):
 
 
 EXIT_USER_ERROR = 2
+
+# Failures of the file system that the user fixes (free space, another folder), not bugs to show a traceback for.
+FILE_SYSTEM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+# Libraries that write through C++ (torch.save) report a full disk as a RuntimeError; below this much free space
+# a failed write is taken to be one.
+DISK_FULL_BYTES = 16 * 2**20
 
 
 def entry_point(main):
@@ -21,12 +30,15 @@ def entry_point(main):
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except UserError as err:
-            if os.environ.get("LMCOMPRESS_TRACEBACK"):
+        except (UserError, OSError) as err:
+            if os.environ.get("LMCOMPRESS_TRACEBACK") or not (
+                    isinstance(err, UserError) or err.errno in FILE_SYSTEM_ERRNOS):
                 raise
             script = os.path.basename(sys.argv[0]) or "lmcompress"
-            message = " ".join(str(err).split())
-            print(f"{script}: error: {message}", file=sys.stderr, flush=True)
+            message = str(err) if isinstance(err, UserError) else f"{err.filename}: {err.strerror}"
+            if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+                message += "; free some space and re-run"
+            print(f"{script}: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper
@@ -40,3 +52,24 @@ def require_file(path, flag):
         raise UserError(f"{flag} {path}: is a folder, expected a text file")
     if os.path.getsize(path) == 0:
         raise UserError(f"{flag} {path}: the file is empty")
+
+
+def require_writable_folder(path, flag):
+    """Create ``path`` if needed and prove it writable now, rather than after hours of work."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise UserError(f"{flag} {path}: cannot write there ({err.strerror}); choose another folder") from err
+
+
+def file_system_failure(err, folder):
+    """Why writing into ``folder`` failed when the file system is the cause (full, read-only, no permission)."""
+    if isinstance(err, OSError) and err.errno in FILE_SYSTEM_ERRNOS:
+        return err.strerror
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    return f"the disk is full ({free / 2**20:.1f} MiB free)" if free < DISK_FULL_BYTES else None

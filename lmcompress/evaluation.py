@@ -1,14 +1,16 @@
 """evaluate.py: perplexity of a causal LM on one split, batched, with the windows split across ranks."""
 import dataclasses
+import json
 import os
 import time
+from pathlib import Path
 
 import torch
 
 from . import deepspeed_support
 from .cli import parse_dataclass_args
 from .data import DataArguments, check_vocabulary, choose_block_size, resolve_token_folder
-from .errors import UserError, entry_point
+from .errors import UserError, entry_point, require_writable_folder
 from .jsonio import write_json
 from .models import load_causal_lm, load_config, n_positions
 from .perplexity import perplexity_from, reduce_sums, stream_nll, window_spans, word_perplexity
@@ -31,10 +33,36 @@ class EvaluationArguments:
     local_rank: int = dataclasses.field(default=-1, metadata={"help": "legacy torch.distributed.launch flag"})
     peak_tflops: float = dataclasses.field(default=None, metadata={"help": "peak TFLOPs per device for the reported "
                                                                            "MFU (default: known GPUs by name)"})
+    report_to: str = dataclasses.field(default="tensorboard", metadata={"help": "tensorboard (events in "
+                                       "$TENSORBOARD_LOGGING_DIR, else runs/ beside the output file) or none"})
 
     def __post_init__(self):
+        if self.report_to not in ("tensorboard", "none"):
+            raise UserError(f"--report_to {self.report_to}: evaluate.py reports to tensorboard or none")
         if self.deepspeed:
             deepspeed_support.read_config(self.deepspeed)
+
+
+def default_output_file(args):
+    """``--output_file``, else ``perplexity.json`` in the model's folder (in the current one for a hub model)."""
+    if args.output_file:
+        return args.output_file
+    folder = args.model_name_or_path if os.path.isdir(args.model_name_or_path) else "."
+    return os.path.join(folder, "perplexity.json")
+
+
+def log_to_tensorboard(result, output_file, model_folder):
+    """The result's figures as ``{split}/...`` scalars, at the model's training step when it has one, so that they
+    sit beside train.py's curves when both write to the model folder's ``runs/``."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    logging_dir = os.environ.get("TENSORBOARD_LOGGING_DIR") or os.path.join(os.path.dirname(output_file), "runs")
+    state_file = os.path.join(model_folder, "trainer_state.json")
+    step = json.loads(Path(state_file).read_text())["global_step"] if os.path.isfile(state_file) else 0
+    with SummaryWriter(log_dir=logging_dir) as writer:
+        for name in ("perplexity", "loss", "word_perplexity", "tokens_per_second", "mfu"):
+            if result.get(name) is not None:
+                writer.add_scalar(f"{result['split']}/{name}", result[name], step)
 
 
 def init_distributed():
@@ -100,6 +128,9 @@ def main(argv=None):
     tokenizer_name = args.tokenizer_name or args.model_name_or_path
     tokenizer = load_tokenizer(tokenizer_name, "--tokenizer_name" if args.tokenizer_name else "--model_name_or_path")
     config = load_config(None, args.model_name_or_path)
+    output_file = default_output_file(args)
+    if rank == 0:
+        require_writable_folder(os.path.dirname(output_file) or ".", "--output_file")
     block_size = choose_block_size(data_args.block_size, n_positions(config))
     stride = block_size if args.stride is None else args.stride
     folder = resolve_token_folder(data_args, tokenizer, tokenizer_name, main_process_first_factory(rank, world_size))
@@ -128,9 +159,12 @@ def main(argv=None):
                                 n_fed=len(window_spans(len(tokens), block_size, stride)) * block_size),
     }
     if rank == 0:
-        output_file = args.output_file or os.path.join(args.model_name_or_path, "perplexity.json")
         write_json(output_file, result)
+        if args.report_to == "tensorboard":
+            log_to_tensorboard(result, output_file, args.model_name_or_path)
         word = f"  word perplexity {result['word_perplexity']:.2f}" if result["word_perplexity"] else ""
-        print(f"perplexity {perplexity:.3f}  loss {loss:.5f}  over {n_scored:,} tokens{word}  → {output_file}")
+        speed = f"  {result['tokens_per_second']:,.0f} tokens/s"
+        speed += f"  MFU {result['mfu']:.1%}" if "mfu" in result else ""
+        print(f"perplexity {perplexity:.3f}  loss {loss:.5f}  over {n_scored:,} tokens{word}{speed}  → {output_file}")
     if world_size > 1:
         torch.distributed.destroy_process_group()

@@ -48,35 +48,45 @@ def make_batch(tokens, spans, pad_id=0):
     return input_ids, attention_mask, labels
 
 
+def scored_positions(spans, length):
+    """Host-side flat indices of the scored predictions in a batch's ``rows × (length - 1)`` next-token outputs."""
+    return torch.cat([torch.arange(row * (length - 1) + first_scored - begin - 1, row * (length - 1) + end - begin - 1)
+                      for row, (begin, end, first_scored) in enumerate(spans)])
+
+
 def at_least_float32(tensor):
     return tensor if tensor.dtype == torch.float64 else tensor.float()
 
 
-def summed_nll_from_hidden(hidden, output_head, labels, chunk=LOGIT_CHUNK):
+def summed_nll_from_hidden(hidden, output_head, labels, chunk=LOGIT_CHUNK, positions=None):
     """Sum of next-token NLL over positions whose label is set, projecting ``chunk`` positions at a time.
 
     Only scored positions go through the output head, and logits are upcast to float32 per chunk, so no
-    full-vocabulary tensor for the whole batch is ever materialised.
+    full-vocabulary tensor for the whole batch is ever materialised. ``positions`` (``scored_positions``, built
+    on the host) spares the device a mask count that would wait for the forward pass.
     """
-    targets = labels[:, 1:]
-    scored = targets != IGNORE_INDEX
-    states, targets = hidden[:, :-1][scored], targets[scored]
+    targets = labels[:, 1:].reshape(-1)
+    states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    if positions is None:
+        positions = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    if positions.numel() < targets.numel():
+        states, targets = states.index_select(0, positions), targets.index_select(0, positions)
     total = torch.zeros((), dtype=torch.float64, device=hidden.device)
     for start in range(0, targets.numel(), chunk):
         logits = at_least_float32(output_head(states[start : start + chunk]))
         total += F.cross_entropy(logits, targets[start : start + chunk], reduction="sum").double()
-    return total, int(scored.sum())
+    return total, positions.numel()
 
 
-def summed_nll(model, input_ids, attention_mask, labels, whole_model=False):
+def summed_nll(model, input_ids, attention_mask, labels, whole_model=False, positions=None):
     """``whole_model``: one plain forward with full logits (ZeRO-3: a fixed number of parameter gathers)."""
     base = model.base_model
     head = model.get_output_embeddings()
     if whole_model or base is model or head is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        return summed_nll_from_hidden(logits, torch.nn.Identity(), labels)
-    hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return summed_nll_from_hidden(hidden, head, labels)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return summed_nll_from_hidden(logits, torch.nn.Identity(), labels, positions=positions)
+    hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return summed_nll_from_hidden(hidden, head, labels, positions=positions)
 
 
 def perplexity_from(nll_sum, n_scored):
@@ -101,12 +111,15 @@ def stream_nll(model, tokens, block_size, stride, batch_size, device, autocast_d
     was_training = model.training
     model.eval()
     nll_sum, n_scored = 0.0, 0
-    for start in tqdm(range(0, n_batches * batch_size, batch_size), desc="perplexity", disable=not progress or None):
+    for start in tqdm(range(0, n_batches * batch_size, batch_size), desc="perplexity", unit="tok",
+                      unit_scale=batch_size * block_size, disable=not progress or None):
         batch = spans[start : start + batch_size]
-        input_ids, attention_mask, labels = (t.to(device, non_blocking=True)
-                                             for t in make_batch(tokens, batch or (spans or all_spans)[-1:]))
+        fed = batch or (spans or all_spans)[-1:]
+        input_ids, attention_mask, labels = (t.to(device, non_blocking=True) for t in make_batch(tokens, fed))
+        positions = scored_positions(fed, input_ids.shape[1]).to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            batch_sum, batch_count = summed_nll(model, input_ids, attention_mask, labels, whole_model=lockstep)
+            batch_sum, batch_count = summed_nll(model, input_ids, attention_mask, labels, whole_model=lockstep,
+                                                positions=positions)
         if batch:
             nll_sum += batch_sum
             n_scored += batch_count

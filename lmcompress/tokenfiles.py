@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, require_writable_folder
 
 FORMAT_VERSION = 1
 META_NAME = "meta.json"
@@ -76,8 +76,8 @@ class SplitWriter:
         self.n_bytes = 0
 
     def write(self, ids):
-        array = np.asarray(ids, dtype=self.dtype)
-        array.tofile(self._file)
+        array = np.ascontiguousarray(ids, dtype=self.dtype)
+        self._file.write(memoryview(array).cast("B"))  # unlike ndarray.tofile, a full disk raises ENOSPC
         self.n_tokens += array.size
 
     def close(self):
@@ -95,9 +95,7 @@ class StagedFolder:
 
     def __init__(self, destination):
         self.destination = Path(destination)
-        self.destination.parent.mkdir(parents=True, exist_ok=True)
-        if not os.access(self.destination.parent, os.W_OK):
-            raise UserError(f"--output_dir {self.destination}: cannot write to {self.destination.parent}")
+        require_writable_folder(self.destination.parent, "--output_dir")
         self.path = Path(tempfile.mkdtemp(prefix=f".{self.destination.name}.tmp-", dir=self.destination.parent))
 
     def commit(self):

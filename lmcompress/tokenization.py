@@ -9,6 +9,7 @@ followed by the end-of-text token. Pieces are encoded in batches, in worker proc
 import codecs
 import dataclasses
 import hashlib
+import itertools
 import multiprocessing
 import os
 import re
@@ -136,17 +137,17 @@ def local_documents(sources, cleaner):
 
 
 def carve_validation(documents, budget_bytes):
-    """Send the first ``budget_bytes`` of the train documents to a validation split, cut at a safe position."""
+    """Send the first ``budget_bytes`` of the train documents to a validation split, cut at a safe position.
+
+    The rest of the cut document streams on from where the cut was made: it is never held in memory."""
     remaining = budget_bytes
     for split, chunks in documents:
         if split != "train" or remaining <= 0:
             yield split, chunks
             continue
-        validation_part, train_part = [], None
-        for piece in pieces(chunks):
-            if train_part is not None:
-                train_part.append(piece)
-                continue
+        stream = pieces(chunks)
+        validation_part, rest = [], None
+        for piece in stream:
             size = len(piece.encode("utf-8"))
             if size <= remaining:
                 validation_part.append(piece)
@@ -154,12 +155,14 @@ def carve_validation(documents, budget_bytes):
                 continue
             cut = safe_cut(piece, max(1, int(len(piece) * remaining / size)))
             validation_part.append(piece[:cut])
-            train_part = [piece[cut:]] if cut < len(piece) else []
+            rest = itertools.chain([piece[cut:]] if cut < len(piece) else [], stream)
             remaining = 0
+            break
         if validation_part:
             yield "validation", iter(validation_part)
-        if train_part:
-            yield "train", iter(train_part)
+        first = next(rest, None) if rest is not None else None
+        if first is not None:
+            yield "train", itertools.chain([first], rest)
 
 
 def hub_documents(sources, cleaner):

@@ -18,7 +18,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from . import deepspeed_support, faults
 from .cli import parse_dataclass_args
 from .data import BlockDataset, DataArguments, check_vocabulary, choose_block_size, resolve_token_folder
-from .errors import UserError, entry_point
+from .errors import UserError, entry_point, file_system_failure, require_writable_folder
 from .jsonio import write_json
 from .models import is_trained_model_folder, load_causal_lm, load_config, n_positions
 from .perplexity import perplexity_from, reduce_sums, stream_nll
@@ -130,6 +130,10 @@ class LMTrainer(Trainer):
         staged, final = os.path.join(self._staging_dir, name), os.path.join(run_dir, name)
         try:
             super()._save_checkpoint(model, trial)
+        except Exception as err:
+            shutil.rmtree(self._staging_dir, ignore_errors=True)
+            raise_if_file_system_failure(err, run_dir, name, faults.latest_complete_checkpoint(run_dir))
+            raise
         finally:
             self._staging_dir = None
         if self.state.best_model_checkpoint == staged:
@@ -213,10 +217,25 @@ def prepare_data(data_args, training_args, tokenizer, tokenizer_name, config, wh
     return PreparedData(str(folder), meta, block_size, train_dataset, eval_tokens)
 
 
+def raise_if_file_system_failure(err, folder, what, last_checkpoint):
+    """A save that failed because the disk is full (or read-only...) becomes a one-line error naming what was kept."""
+    cause = file_system_failure(err, folder)
+    if cause is None:
+        return
+    kept = f"the last complete checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was kept"
+    raise UserError(f"could not save {what} in {folder}: {cause}; {kept}; free space and re-run with "
+                    "--resume_from_checkpoint auto") from err
+
+
 def save_final_model(trainer, output_dir):
     """Save the model and tokenizer into a staging folder, then move each file into ``output_dir``."""
     staging = os.path.join(output_dir, ".final-staging")
-    trainer.save_model(staging)
+    try:
+        trainer.save_model(staging)
+    except Exception as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise_if_file_system_failure(err, output_dir, "the final model", faults.latest_complete_checkpoint(output_dir))
+        raise
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
         for name in os.listdir(staging):
@@ -257,6 +276,7 @@ def prepare_run(training_args):
     """Checks and environment shared by every training entry point; returns the checkpoint to resume from."""
     check_precision(training_args)
     check_output_dir(training_args)
+    require_writable_folder(training_args.output_dir, "--output_dir")
     set_seed(training_args.seed)
     return resolve_resume(training_args)
 

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from conftest import assert_one_line_error, run
-from lmcompress.perplexity import IGNORE_INDEX, make_batch, summed_nll_from_hidden, window_spans, word_perplexity
+from lmcompress.perplexity import (IGNORE_INDEX, make_batch, scored_positions, summed_nll_from_hidden, window_spans,
+                                   word_perplexity)
 
 
 @pytest.mark.parametrize("n_tokens,block_size,stride", [(1000, 64, 64), (1000, 64, 16), (1000, 64, 1), (65, 64, 64),
@@ -46,6 +47,24 @@ def test_chunked_nll_equals_full_cross_entropy():
     expected = F.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
     assert count == int((labels[:, 1:] != IGNORE_INDEX).sum())
     assert total.item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("n_tokens,block_size,stride", [(300, 64, 64), (300, 64, 16), (70, 64, 32), (90, 64, 64)])
+def test_scored_positions_are_the_labelled_predictions(n_tokens, block_size, stride):
+    spans = window_spans(n_tokens, block_size, stride)[-5:]
+    input_ids, _, labels = make_batch(np.arange(n_tokens) % 50, spans)
+    expected = (labels[:, 1:].reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+    assert torch.equal(scored_positions(spans, input_ids.shape[1]), expected)
+
+
+def test_evaluate_logs_its_figures_to_tensorboard(tmp_path, untrained_model, corpus_files):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = evaluate(untrained_model, corpus_files["test"], tmp_path, "ppl")
+    events = EventAccumulator(str(tmp_path / "runs"))
+    events.Reload()
+    assert events.Scalars("test/perplexity")[0].value == pytest.approx(result["perplexity"], rel=1e-6)
+    assert events.Scalars("test/tokens_per_second")[0].value == pytest.approx(result["tokens_per_second"], rel=1e-6)
 
 
 def test_padding_does_not_change_the_batch_nll(untrained_model):

@@ -137,13 +137,36 @@ def test_data_made_with_another_tokenizer_is_refused(tmp_path, tokenizer_dir, ti
     assert_one_line_error(result, "--dataset_dir", "re-tokenize")
 
 
-def test_corrupted_token_file_is_refused(tmp_path, tokenizer_dir, tiny_config, corpus_files):
-    folder = make_token_folder(tmp_path, tokenizer_dir, corpus_files["train"])
+def append_a_byte(folder):
     with open(folder / "train.bin", "ab") as handle:
         handle.write(b"\x01")
+
+
+def append_a_token(folder):
+    with open(folder / "train.bin", "ab") as handle:
+        handle.write(b"\x01\x00")
+
+
+def edit_meta(**changes):
+    def edit(folder):
+        meta = json.loads((folder / "meta.json").read_text())
+        (folder / "meta.json").write_text(json.dumps({**meta, **changes}))
+    return edit
+
+
+@pytest.mark.parametrize("damage,fragments", [
+    (append_a_byte, ["train.bin", "truncated or corrupted"]),
+    (append_a_token, ["train.bin", "truncated or corrupted"]),
+    (edit_meta(format_version=2), ["meta.json", "format version 2", "--overwrite"]),
+    (edit_meta(dtype="float32"), ["meta.json", "unknown dtype"]),
+], ids=["size-not-a-multiple-of-the-dtype", "size-disagrees-with-meta", "other-format-version", "unknown-dtype"])
+def test_damaged_token_folder_is_refused(damage, fragments, tmp_path, tokenizer_dir, tiny_config, corpus_files):
+    folder = make_token_folder(tmp_path, tokenizer_dir, corpus_files["train"])
+    damage(folder)
     result = run(["train.py", "--config_name", tiny_config, "--tokenizer_name", tokenizer_dir, "--dataset_dir", folder,
                   "--max_steps", "2", "--report_to", "none", "--output_dir", tmp_path / "out"], check=False)
-    assert_one_line_error(result, "train.bin", "truncated or corrupted")
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
 def test_distilgpt2_config_is_the_papers_student():
