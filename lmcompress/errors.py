@@ -2,6 +2,7 @@
 import errno
 import functools
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -30,14 +31,11 @@ def entry_point(main):
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except (UserError, OSError) as err:
-            if os.environ.get("LMCOMPRESS_TRACEBACK") or not (
-                    isinstance(err, UserError) or err.errno in FILE_SYSTEM_ERRNOS):
+        except (UserError, OSError, RuntimeError) as err:
+            message = one_line_message(err)
+            if os.environ.get("LMCOMPRESS_TRACEBACK") or message is None:
                 raise
             script = os.path.basename(sys.argv[0]) or "lmcompress"
-            message = str(err) if isinstance(err, UserError) else f"{err.filename}: {err.strerror}"
-            if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-                message += "; free some space and re-run"
             print(f"{script}: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USER_ERROR)
 
@@ -52,6 +50,30 @@ def require_file(path, flag):
         raise UserError(f"{flag} {path}: is a folder, expected a text file")
     if os.path.getsize(path) == 0:
         raise UserError(f"{flag} {path}: the file is empty")
+
+
+def one_line_message(err):
+    """What to tell the user about ``err``, or None for a bug (shown with its traceback)."""
+    if isinstance(err, UserError):
+        return str(err)
+    if isinstance(err, OSError):
+        if err.errno not in FILE_SYSTEM_ERRNOS:
+            return None
+        full = "; free some space and re-run" if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        return f"{err.filename}: {err.strerror}{full}"
+    return collective_failure(str(err))
+
+
+def collective_failure(message):
+    """A gloo collective that failed because another rank stopped answering or died (read from torch's message)."""
+    resume = "the last checkpoint holds the run: re-run with --resume_from_checkpoint auto (RESUME=auto)"
+    timed_out = re.search(r"Timed out waiting (\d+)ms", message)
+    if timed_out:
+        return (f"a rank stopped answering for {int(timed_out.group(1)) // 1000} s (--ddp_timeout), so this one "
+                f"gave up waiting for it; {resume}")
+    if re.search(r"Connection (closed|reset) by peer", message):
+        return f"another rank died (its connection closed; its own error is above); {resume}"
+    return None
 
 
 def require_writable_folder(path, flag):

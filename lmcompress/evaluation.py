@@ -10,6 +10,7 @@ import torch
 from . import deepspeed_support
 from .cli import parse_dataclass_args
 from .data import DataArguments, check_vocabulary, choose_block_size, resolve_token_folder
+from .distributed import COLLECTIVE_TIMEOUT_S, init_distributed, local_main_first
 from .errors import UserError, entry_point, require_writable_folder
 from .jsonio import write_json
 from .models import load_causal_lm, load_config, n_positions
@@ -33,6 +34,8 @@ class EvaluationArguments:
     local_rank: int = dataclasses.field(default=-1, metadata={"help": "legacy torch.distributed.launch flag"})
     peak_tflops: float = dataclasses.field(default=None, metadata={"help": "peak TFLOPs per device for the reported "
                                                                            "MFU (default: known GPUs by name)"})
+    ddp_timeout: int = dataclasses.field(default=COLLECTIVE_TIMEOUT_S, metadata={
+        "help": "seconds a collective waits for a rank that stopped answering before the run fails"})
     report_to: str = dataclasses.field(default="tensorboard", metadata={"help": "tensorboard (events in "
                                        "$TENSORBOARD_LOGGING_DIR, else runs/ beside the output file) or none"})
 
@@ -65,39 +68,12 @@ def log_to_tensorboard(result, output_file, model_folder):
                 writer.add_scalar(f"{result['split']}/{name}", result[name], step)
 
 
-def init_distributed():
-    """Rank, world size and device from the launcher's environment (torchrun, deepspeed, torch.distributed.launch)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world_size > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = torch.distributed.get_rank() if world_size > 1 else 0
-    return rank, world_size, device
-
-
 def precision_dtype(args, device):
     if args.fp16 and args.bf16:
         raise UserError("give --fp16 or --bf16, not both")
     if args.fp16 and device.type != "cuda":
         raise UserError("--fp16 needs a CUDA GPU; on CPU use --bf16 or full precision")
     return torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
-
-
-def main_process_first_factory(rank, world_size):
-    import contextlib
-
-    @contextlib.contextmanager
-    def main_process_first():
-        if world_size > 1 and rank != 0:
-            torch.distributed.barrier()
-        yield
-        if world_size > 1 and rank == 0:
-            torch.distributed.barrier()
-
-    return main_process_first
 
 
 def load_model(args, config, dtype, device):
@@ -123,7 +99,7 @@ def main(argv=None):
     args, data_args = parse_dataclass_args((EvaluationArguments, DataArguments), "evaluate.py", argv)
     if not args.model_name_or_path:
         raise UserError("--model_name_or_path is required")
-    rank, world_size, device = init_distributed()
+    rank, world_size, device = init_distributed(args.ddp_timeout)
     dtype = precision_dtype(args, device)
     tokenizer_name = args.tokenizer_name or args.model_name_or_path
     tokenizer = load_tokenizer(tokenizer_name, "--tokenizer_name" if args.tokenizer_name else "--model_name_or_path")
@@ -133,7 +109,7 @@ def main(argv=None):
         require_writable_folder(os.path.dirname(output_file) or ".", "--output_file")
     block_size = choose_block_size(data_args.block_size, n_positions(config))
     stride = block_size if args.stride is None else args.stride
-    folder = resolve_token_folder(data_args, tokenizer, tokenizer_name, main_process_first_factory(rank, world_size))
+    folder = resolve_token_folder(data_args, tokenizer, tokenizer_name, local_main_first)
     meta = read_meta(folder)
     check_vocabulary(meta, config, str(folder))
     tokens = open_split(folder, args.split, "--split")

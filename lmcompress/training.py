@@ -18,6 +18,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from . import deepspeed_support, faults
 from .cli import parse_dataclass_args
 from .data import BlockDataset, DataArguments, check_vocabulary, choose_block_size, resolve_token_folder
+from .distributed import COLLECTIVE_TIMEOUT_S, local_main_first, start_cpu_process_group
 from .errors import UserError, entry_point, file_system_failure, require_writable_folder
 from .jsonio import write_json
 from .models import is_trained_model_folder, load_causal_lm, load_config, n_positions
@@ -46,6 +47,10 @@ class ProjectTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = dataclasses.field(default=False, metadata={"help": "keep the blocks' shift_labels"})
     peak_tflops: float = dataclasses.field(default=None, metadata={"help": "peak TFLOPs per device for the logged MFU "
                                                                            "(default: known GPUs by name)"})
+    ddp_timeout: int = dataclasses.field(default=COLLECTIVE_TIMEOUT_S, metadata={
+        "help": "seconds a collective waits for a rank that stopped answering before the run fails (see distributed)"})
+    ddp_find_unused_parameters: bool = dataclasses.field(default=False, metadata={
+        "help": "let DDP look for parameters without gradients every step (the Trainer's default; a GPT-2 has none)"})
     skip_nonfinite: bool = dataclasses.field(default=False, metadata={"help": "skip an optimiser step whose loss is "
                                                                               "NaN or infinite on any rank (counted "
                                                                               "as nonfinite_skipped) instead of "
@@ -61,6 +66,7 @@ class ProjectTrainingArguments(TrainingArguments):
         if not torch.cuda.is_available() and not self.deepspeed:
             # Without this, accelerate leaves a torchrun job on CPU undistributed: every rank trains alone.
             self.use_cpu = True
+            start_cpu_process_group(self)
         if isinstance(self.deepspeed, str):
             deepspeed_support.read_config(self.deepspeed)
             deepspeed_support.use_deepspeed_state_on_cpu(self)
@@ -205,7 +211,7 @@ class PreparedData:
 
 def prepare_data(data_args, training_args, tokenizer, tokenizer_name, config, what="the data"):
     block_size = choose_block_size(data_args.block_size, n_positions(config))
-    folder = resolve_token_folder(data_args, tokenizer, tokenizer_name, training_args.main_process_first)
+    folder = resolve_token_folder(data_args, tokenizer, tokenizer_name, local_main_first)
     meta = read_meta(folder)
     check_vocabulary(meta, config, what)
     if "train" not in meta["splits"]:

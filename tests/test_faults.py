@@ -1,5 +1,6 @@
 """Faults during training: kill and resume, kill during a save, checkpoint rotation, SIGTERM, non-finite losses,
 a dead rank. Faults that cannot be caused from outside are injected by tests/fault_probe.py."""
+import contextlib
 import json
 import os
 import random
@@ -309,3 +310,23 @@ def test_killing_one_rank_ends_the_other_promptly(tmp_path, train_args):
     print(f"rank 1 SIGKILLed: torchrun exited after {time.time() - killed:.1f} s")
     with pytest.raises(ProcessLookupError):
         os.kill(survivor, 0)
+
+
+@pytest.mark.slow
+def test_a_rank_that_stops_answering_ends_the_run_after_the_collective_timeout(tmp_path, train_args):
+    output_dir, pids, timeout_s = tmp_path / "out", tmp_path / "pids", 15
+    process = start([*torchrun(), "tests/fault_probe.py", "train",
+                     *train_args(output_dir, "--max_steps", 5000, "--ddp_timeout", timeout_s)],
+                    {"FAULT_PID_DIR": pids}, tmp_path / "log")
+    wait_until(lambda: checkpoint_steps(output_dir) and (pids / "rank1.pid").exists(), process, "first checkpoint")
+    frozen = int((pids / "rank1.pid").read_text())
+    os.kill(frozen, signal.SIGSTOP)
+    stopped = time.time()
+    try:
+        assert finish_within(process, timeout=timeout_s + 60) != 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(frozen, signal.SIGKILL)
+    print(f"rank 1 frozen (SIGSTOP): torchrun exited after {time.time() - stopped:.1f} s")
+    stderr = (process.log_dir / "stderr").read_text()
+    assert f"a rank stopped answering for {timeout_s} s (--ddp_timeout)" in stderr, stderr[-3000:]

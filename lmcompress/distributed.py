@@ -1,0 +1,60 @@
+"""Process groups: how the ranks start, how long a collective may wait, and who tokenizes first.
+
+A rank that dies is noticed by the launcher (torchrun, deepspeed), which ends the others within seconds. A rank
+that stops answering without dying (a stuck disk, a frozen node) is noticed only by the collective timeout:
+``COLLECTIVE_TIMEOUT_S`` unless ``--ddp_timeout`` says otherwise. Work that legitimately keeps the other ranks
+waiting for long (the first tokenization of a large corpus) waits on its own gloo group without that limit.
+"""
+import contextlib
+import os
+from datetime import timedelta
+
+import torch
+
+COLLECTIVE_TIMEOUT_S = 600
+LONG_WAIT = timedelta(days=2)
+
+
+def init_distributed(timeout_s=COLLECTIVE_TIMEOUT_S):
+    """Rank, world size and device from the launcher's environment (torchrun, deepspeed, torch.distributed.launch)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             timeout=timedelta(seconds=timeout_s))
+    rank = torch.distributed.get_rank() if world_size > 1 else 0
+    return rank, world_size, device
+
+
+@contextlib.contextmanager
+def local_main_first():
+    """The body runs on each node's local rank 0 first (filling that node's cache), then on the other ranks
+    (which find it filled). They wait on a gloo group of their own, free of the collective timeout."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1):
+        yield
+        return
+    is_local_main = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    group = torch.distributed.new_group(backend="gloo", timeout=LONG_WAIT)
+    try:
+        if not is_local_main:
+            torch.distributed.barrier(group=group)
+        yield
+        if is_local_main:
+            torch.distributed.barrier(group=group)
+    finally:
+        torch.distributed.destroy_process_group(group)
+
+
+def start_cpu_process_group(training_args):
+    """Start a CPU torchrun job's gloo group with ``--ddp_timeout``: transformers (5.24) starts it without one,
+    so a rank that stopped answering would hold the others for torch's default 30 minutes."""
+    if int(os.environ.get("LOCAL_RANK", -1)) == -1:
+        return
+    from accelerate import PartialState
+
+    PartialState(cpu=True, backend="gloo", timeout=timedelta(seconds=training_args.ddp_timeout))
+    training_args.accelerator_config = {"use_configured_state": True}
