@@ -94,6 +94,31 @@ def test_learning_rate_warms_up_then_decays(zero2_model):
 
 
 @pytest.mark.slow
+def test_zero2_checkpoints_are_staged_and_resume_to_the_same_weights(zero2_model, tmp_path, tokenizer_dir,
+                                                                     tiny_config, corpus_files):
+    import shutil
+
+    from safetensors.torch import load_file
+    from torch.testing import assert_close
+
+    saving = launch_env(tokenizer_dir, tiny_config, corpus_files, tmp_path / "saving")
+    run(["bash", "train_deepspeed.sh", "--max_steps", MAX_STEPS, "--lr_scheduler_type", "linear", "--eval_strategy",
+         "no", "--save_strategy", "steps", "--save_steps", MAX_STEPS // 2, "--report_to", "none"], env=saving)
+    saved = sorted(path.name for path in (tmp_path / "saving").iterdir() if "checkpoint" in path.name)
+    assert saved == [f"checkpoint-{MAX_STEPS // 2}", f"checkpoint-{MAX_STEPS}"], "complete, no staging left"
+    assert list((tmp_path / "saving" / saved[0]).glob("global_step*/*optim_states.pt")), "DeepSpeed's own state"
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "saving" / saved[0], resumed / saved[0])
+    run(["bash", "train_deepspeed.sh", "--max_steps", MAX_STEPS, "--lr_scheduler_type", "linear", "--eval_strategy",
+         "no", "--save_strategy", "no", "--report_to", "none"],
+        env={**saving, "OUTPUT_DIR": str(resumed), "RESUME": "auto", "MASTER_PORT": free_port()})
+    straight, again = (load_file(str(folder / "model.safetensors")) for folder in (zero2_model, resumed))
+    for name in straight:
+        assert_close(again[name], straight[name], atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.slow
 def test_zero2_loss_at_step_1_matches_torchrun(zero2_model, tmp_path, tokenizer_dir, tiny_config, corpus_files):
     torchrun_model = train("train.sh", launch_env(tokenizer_dir, tiny_config, corpus_files, tmp_path / "torchrun"))
     deepspeed_loss, torchrun_loss = (log_history(folder)[1]["loss"] for folder in (zero2_model, torchrun_model))

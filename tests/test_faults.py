@@ -221,12 +221,12 @@ def test_train_sh_on_two_ranks_killed_then_resumed_ends_as_if_uninterrupted(tmp_
 
 
 @pytest.mark.slow
-def test_distil_sh_killed_then_rerun_with_resume_auto_ends_as_if_uninterrupted(tmp_path, untrained_model,
-                                                                              tiny_config, small_corpus):
+def test_distil_sh_on_two_ranks_killed_then_rerun_with_resume_auto_ends_as_if_uninterrupted(
+        tmp_path, untrained_model, tiny_config, small_corpus):
     env = {"TEACHER": untrained_model, "STUDENT_CONFIG": tiny_config, "TOKENIZER": untrained_model,
            "TRAIN_FILE": small_corpus["train"], "VALIDATION_FILE": small_corpus["validation"], "BLOCK_SIZE": 64,
-           "BATCH_SIZE": 8, "GRAD_ACC": 1, "LEARNING_RATE": "1e-3", "SAVE_STEPS": SAVE_STEPS, "LOGGING_STEPS": 5,
-           "NPROC_PER_NODE": 1, "MASTER_PORT": free_port()}
+           "BATCH_SIZE": 4, "GRAD_ACC": 1, "LEARNING_RATE": "1e-3", "SAVE_STEPS": SAVE_STEPS, "LOGGING_STEPS": 5,
+           "NPROC_PER_NODE": 2, "MASTER_PORT": free_port()}
     kill_and_resume_with_script(tmp_path, "distil.sh", env, ["--max_steps", STEPS, "--report_to", "none"])
 
 
