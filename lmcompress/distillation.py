@@ -137,8 +137,6 @@ def weighted_sum(args, terms):
 class DistillationTrainer(LMTrainer):
     """LMTrainer whose training loss is the distillation loss; evaluation stays the student's perplexity."""
 
-    loss_is_scaled_for_ga = True  # compute_loss normalises over the whole accumulated batch itself
-
     def __init__(self, *args, teacher, distillation_args, **kwargs):
         super().__init__(*args, **kwargs)
         self.distillation_args = distillation_args
@@ -162,20 +160,6 @@ class DistillationTrainer(LMTrainer):
     @torch.no_grad()
     def teacher_outputs(self, forward_inputs):
         return self.teacher(**forward_inputs, output_hidden_states=bool(self.distillation_args.alpha_cos))
-
-    def normaliser(self, targets, num_items_in_batch):
-        """The token count to divide by and the factor to multiply the loss by.
-
-        With ``num_items_in_batch`` (the real tokens of the step's micro-batches, over all ranks when
-        ``average_tokens_across_devices``), the sums are divided by it and multiplied by the number of ranks,
-        since DDP averages the ranks' gradients. Without it, each micro-batch is averaged over its own tokens and
-        divided by the accumulation steps: exact when every micro-batch holds as many tokens, as blocks do.
-        """
-        if num_items_in_batch is None:
-            local = (targets != IGNORE_INDEX).sum()
-            return local * self.current_gradient_accumulation_steps, 1
-        across_ranks = self.args.average_tokens_across_devices and self.accelerator.num_processes > 1
-        return num_items_in_batch, self.accelerator.num_processes if across_ranks else 1
 
     def record_terms(self, terms, n_tokens, targets):
         for name, value in terms.items():

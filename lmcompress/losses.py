@@ -1,4 +1,4 @@
-"""Distillation losses: small pure functions over logits and hidden states of shape ``[batch, positions, …]``.
+"""Training losses: small pure functions over logits and hidden states of shape ``[batch, positions, …]``.
 
 Every term is a sum over the real positions (``mask`` true) divided by a token count: their number, or
 ``n_tokens`` when given. Passing the real-token count of a whole accumulated batch (all micro-batches, all
@@ -123,6 +123,62 @@ def lm_loss(student_logits, targets, n_tokens=None):
     """Next-token cross-entropy, averaged over the positions with a target (``targets`` from next_token_targets)."""
     mask = targets != IGNORE_INDEX
     return _average(_masked_sum(_cross_entropy_rows, (student_logits, targets), mask), mask, n_tokens)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Σ over positions with a target of the cross-entropy of ``hidden @ weight.T``, a chunk of rows at a time.
+
+    The loss is the last operation of the graph, so its gradient is computed during the forward pass, chunk by
+    chunk, and only scaled in the backward: neither the logits nor their gradient ever exist for the whole
+    batch (for GPT-2 at batch 8 × 1024 that is 1.6 GB of float32 each). The matrix products run in the autocast
+    dtype when autocast is on, everything else in float32 (float64 stays float64).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk):
+        device_type = hidden.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        with torch.autocast(device_type, enabled=False):
+            matrix, states = weight.to(dtype), hidden.to(dtype)
+            buffer_dtype = torch.promote_types(dtype, torch.float32)
+            grad_hidden = torch.empty_like(hidden)
+            grad_weight = torch.zeros_like(weight, dtype=buffer_dtype)
+            total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+            # One buffer for every chunk's logits: on CPU a fresh one per chunk costs page faults.
+            buffer = torch.empty(min(chunk, len(states)), len(matrix), dtype=buffer_dtype, device=hidden.device)
+            for start in range(0, len(states), chunk):
+                rows, row_targets = states[start:start + chunk], targets[start:start + chunk]
+                logits = buffer[:len(rows)]
+                if dtype == buffer_dtype:
+                    torch.matmul(rows, matrix.t(), out=logits)
+                else:
+                    logits.copy_(rows @ matrix.t())
+                real = (row_targets != IGNORE_INDEX).unsqueeze(1)
+                safe_targets = row_targets.clamp_min(0).unsqueeze(1)
+                log_normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)
+                nll = log_normaliser - logits.gather(1, safe_targets)
+                total += nll[real].sum(dtype=torch.float64)
+                probabilities = logits.sub_(log_normaliser).exp_()  # d loss / d logits = softmax − one-hot
+                probabilities.scatter_add_(1, safe_targets, -real.to(probabilities.dtype)).mul_(real)
+                gradient = probabilities.to(dtype)
+                grad_hidden[start:start + chunk] = gradient @ matrix
+                if dtype == buffer_dtype:
+                    grad_weight.addmm_(gradient.t(), rows)
+                else:
+                    grad_weight += (gradient.t() @ rows).to(buffer_dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return total.to(buffer_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_total, grad_weight * grad_total, None, None
+
+
+def linear_cross_entropy(hidden, weight, targets):
+    """Summed next-token cross-entropy of the logits ``hidden @ weight.T`` (no bias) over ``targets`` that are not
+    IGNORE_INDEX, without materialising the logits: ``hidden`` [n, d], ``weight`` [vocabulary, d], ``targets`` [n]."""
+    return _LinearCrossEntropy.apply(hidden, weight, targets, max(1, CHUNK_ELEMENTS // weight.shape[0]))
 
 
 def _cosine_distance_rows(student_hidden, teacher_hidden):

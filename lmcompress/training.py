@@ -11,6 +11,7 @@ import shutil
 import time
 
 import torch
+import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -21,6 +22,7 @@ from .data import BlockDataset, DataArguments, check_vocabulary, choose_block_si
 from .distributed import COLLECTIVE_TIMEOUT_S, local_main_first, start_cpu_process_group
 from .errors import UserError, entry_point, file_system_failure, require_writable_folder
 from .jsonio import write_json
+from .losses import IGNORE_INDEX, linear_cross_entropy
 from .models import is_trained_model_folder, load_causal_lm, load_config, n_positions
 from .perplexity import perplexity_from, reduce_sums, stream_nll
 from .tokenfiles import open_split, read_meta
@@ -92,6 +94,8 @@ class LMTrainer(Trainer):
     saves a checkpoint and stops: see ``faults``.
     """
 
+    loss_is_scaled_for_ga = True  # compute_loss normalises over the whole accumulated batch itself
+
     def __init__(self, *args, eval_tokens=None, block_size=None, run_info=None, **kwargs):
         # The Trainer only checks that an eval dataset exists; evaluate() reads the token stream itself.
         super().__init__(*args, eval_dataset=eval_tokens, **kwargs)
@@ -111,6 +115,38 @@ class LMTrainer(Trainer):
             self.control.should_training_stop = True
             return
         super()._run_epoch(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The mean next-token loss; for GPT-2 from the last hidden states through ``linear_cross_entropy``,
+        which never materialises the logits of the batch (nor their gradient)."""
+        targets = inputs["shift_labels"]
+        forward_inputs = {key: inputs[key] for key in ("input_ids", "attention_mask") if key in inputs}
+        n_tokens, scale = self.normaliser(targets, num_items_in_batch)
+        head = fusable_output_head(self.accelerator.unwrap_model(model))
+        if head is None or return_outputs:
+            outputs = model(**forward_inputs)
+            logits = outputs.logits.flatten(0, 1).float()
+            loss_sum = F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        else:
+            outputs = model(**forward_inputs, output_hidden_states=True, logits_to_keep=1)
+            hidden = outputs.hidden_states[-1]
+            loss_sum = linear_cross_entropy(hidden.flatten(0, 1), head.weight, targets.flatten())
+        loss = loss_sum / n_tokens * scale
+        return (loss, outputs) if return_outputs else loss
+
+    def normaliser(self, targets, num_items_in_batch):
+        """The token count to divide by and the factor to multiply the loss by.
+
+        With ``num_items_in_batch`` (the real tokens of the step's micro-batches, over all ranks when
+        ``average_tokens_across_devices``), the sums are divided by it and multiplied by the number of ranks,
+        since DDP averages the ranks' gradients. Without it, each micro-batch is averaged over its own tokens and
+        divided by the accumulation steps: exact when every micro-batch holds as many tokens, as blocks do.
+        """
+        if num_items_in_batch is None:
+            local = (targets != IGNORE_INDEX).sum()
+            return local * self.current_gradient_accumulation_steps, 1
+        across_ranks = self.args.average_tokens_across_devices and self.accelerator.num_processes > 1
+        return num_items_in_batch, self.accelerator.num_processes if across_ranks else 1
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -169,6 +205,15 @@ class LMTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+
+def fusable_output_head(model):
+    """The output layer of a GPT-2 whose loss ``linear_cross_entropy`` can compute from the last hidden states
+    (a plain linear map, whole on this rank: not under ZeRO-3), else None."""
+    head = model.get_output_embeddings() if getattr(model.config, "model_type", None) == "gpt2" else None
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None or is_deepspeed_zero3_enabled():
+        return None
+    return head
 
 
 def check_output_dir(args):

@@ -120,3 +120,21 @@ def test_half_precision_logits_are_computed_in_float32():
     loss = kd_loss(student.bfloat16(), teacher.bfloat16(), mask)
     assert loss.dtype == torch.float32
     assert torch.allclose(loss, kd_loss(student.bfloat16().float(), teacher.bfloat16().float(), mask), atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_linear_cross_entropy_matches_the_logits_loss_and_its_gradients(chunk):
+    from lmcompress.losses import _LinearCrossEntropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(10, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(13, 8, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 13, (10,))
+    targets[[0, 7]] = IGNORE_INDEX
+    fused = _LinearCrossEntropy.apply(hidden, weight, targets, chunk) * 0.5
+    fused_grads = torch.autograd.grad(fused, (hidden, weight))
+    direct = F.cross_entropy(hidden @ weight.t(), targets, ignore_index=IGNORE_INDEX, reduction="sum") * 0.5
+    direct_grads = torch.autograd.grad(direct, (hidden, weight))
+    assert fused.item() == pytest.approx(direct.item(), rel=1e-12)
+    for got, expected in zip(fused_grads, direct_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)

@@ -169,6 +169,26 @@ def test_damaged_token_folder_is_refused(damage, fragments, tmp_path, tokenizer_
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+def test_training_loss_and_gradients_equal_the_plain_logits_loss(tmp_path, tokenizer_dir, tiny_config, corpus_files):
+    import torch.nn.functional as F
+
+    from lmcompress.training import build_trainer, fusable_output_head
+
+    argv = train_command(tmp_path / "out", tokenizer_dir, tiny_config, corpus_files, "--max_steps", 1)[1:]
+    trainer, _ = build_trainer([str(arg) for arg in argv])
+    trainer.current_gradient_accumulation_steps = 1
+    model, batch = trainer.model, next(iter(trainer.get_train_dataloader()))
+    assert fusable_output_head(model) is not None, "the test must take the path that skips the logits"
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+
+    fused = trainer.compute_loss(model, batch)
+    logits = model(input_ids=batch["input_ids"]).logits
+    plain = F.cross_entropy(logits.flatten(0, 1), batch["shift_labels"].flatten(), ignore_index=-100)
+    assert fused.item() == pytest.approx(plain.item(), rel=1e-6)
+    for got, expected in zip(torch.autograd.grad(fused, parameters), torch.autograd.grad(plain, parameters)):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
+
+
 def test_distilgpt2_config_is_the_papers_student():
     config = json.loads((REPO / "configs" / "distilgpt2.json").read_text())
     assert (config["n_layer"], config["n_embd"], config["n_head"], config["n_positions"], config["vocab_size"]) == (
