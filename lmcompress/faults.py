@@ -168,15 +168,16 @@ class NonFiniteGuard(TrainerCallback):
     def __init__(self, skip=False):
         self.skip = skip
         self.skipped = 0
-        self._seen_nonfinite = False
+        self._nonfinite = None  # on the device: read once per optimiser step, not once per micro-batch
 
     def observe(self, loss):
-        if not torch.isfinite(loss).all():
-            self._seen_nonfinite = True
+        nonfinite = ~torch.isfinite(loss.detach()).all()
+        self._nonfinite = nonfinite if self._nonfinite is None else self._nonfinite | nonfinite
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        bad_ranks = ranks_where(self._seen_nonfinite, args)
-        self._seen_nonfinite = False
+        seen = self._nonfinite is not None and bool(self._nonfinite)
+        self._nonfinite = None
+        bad_ranks = ranks_where(seen, args)
         if not bad_ranks:
             return
         step = state.global_step + 1
