@@ -1,4 +1,5 @@
 """User-facing errors: one clear line and a non-zero exit, never a traceback from deep inside a library."""
+import contextlib
 import errno
 import functools
 import os
@@ -95,3 +96,17 @@ def file_system_failure(err, folder):
     except OSError:
         return None
     return f"the disk is full ({free / 2**20:.1f} MiB free)" if free < DISK_FULL_BYTES else None
+
+
+@contextlib.contextmanager
+def removed_on_failure(staging, folder, message):
+    """Remove the half-written ``staging`` folder if the body fails. When the file system of ``folder`` is the
+    cause, the failure becomes the one-line ``UserError`` ``message(cause)``; any other stays as it was."""
+    try:
+        yield
+    except Exception as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        cause = file_system_failure(err, folder)
+        if cause is None:
+            raise
+        raise UserError(message(cause)) from err

@@ -20,7 +20,7 @@ from . import deepspeed_support, faults
 from .cli import parse_dataclass_args
 from .data import BlockDataset, DataArguments, check_vocabulary, choose_block_size, resolve_token_folder
 from .distributed import COLLECTIVE_TIMEOUT_S, local_main_first, start_cpu_process_group
-from .errors import UserError, entry_point, file_system_failure, require_writable_folder
+from .errors import UserError, entry_point, removed_on_failure, require_writable_folder
 from .jsonio import write_json
 from .losses import IGNORE_INDEX, linear_cross_entropy
 from .models import is_trained_model_folder, load_causal_lm, load_config, n_positions
@@ -171,11 +171,8 @@ class LMTrainer(Trainer):
         self._staging_dir = faults.staging_root(run_dir, self.state.global_step)
         staged, final = os.path.join(self._staging_dir, name), os.path.join(run_dir, name)
         try:
-            super()._save_checkpoint(model, trial)
-        except Exception as err:
-            shutil.rmtree(self._staging_dir, ignore_errors=True)
-            raise_if_file_system_failure(err, run_dir, name, faults.latest_complete_checkpoint(run_dir))
-            raise
+            with removed_on_failure(self._staging_dir, run_dir, save_failure_message(run_dir, name)):
+                super()._save_checkpoint(model, trial)
         finally:
             self._staging_dir = None
         if self.state.best_model_checkpoint == staged:
@@ -268,25 +265,23 @@ def prepare_data(data_args, training_args, tokenizer, tokenizer_name, config, wh
     return PreparedData(str(folder), meta, block_size, train_dataset, eval_tokens)
 
 
-def raise_if_file_system_failure(err, folder, what, last_checkpoint):
-    """A save that failed because the disk is full (or read-only...) becomes a one-line error naming what was kept."""
-    cause = file_system_failure(err, folder)
-    if cause is None:
-        return
-    kept = f"the last complete checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was kept"
-    raise UserError(f"could not save {what} in {folder}: {cause}; {kept}; free space and re-run with "
-                    "--resume_from_checkpoint auto") from err
+def save_failure_message(folder, what):
+    """The one line for a save into ``folder`` that the file system stopped (full disk...): what was kept."""
+
+    def message(cause):
+        last_checkpoint = faults.latest_complete_checkpoint(folder)
+        kept = f"the last complete checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was kept"
+        return (f"could not save {what} in {folder}: {cause}; {kept}; free space and re-run with "
+                "--resume_from_checkpoint auto")
+
+    return message
 
 
 def save_final_model(trainer, output_dir):
     """Save the model and tokenizer into a staging folder, then move each file into ``output_dir``."""
     staging = os.path.join(output_dir, ".final-staging")
-    try:
+    with removed_on_failure(staging, output_dir, save_failure_message(output_dir, "the final model")):
         trainer.save_model(staging)
-    except Exception as err:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise_if_file_system_failure(err, output_dir, "the final model", faults.latest_complete_checkpoint(output_dir))
-        raise
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
         for name in os.listdir(staging):

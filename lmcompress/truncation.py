@@ -10,7 +10,7 @@ import re
 import shutil
 
 from .cli import parse_dataclass_args
-from .errors import UserError, entry_point, file_system_failure, require_writable_folder
+from .errors import UserError, entry_point, removed_on_failure, require_writable_folder
 from .jsonio import write_json
 from .models import is_trained_model_folder, load_causal_lm, load_config
 from .vocab import load_tokenizer
@@ -134,16 +134,11 @@ def save_student(student, tokenizer, record, output_dir):
     output_dir = os.path.normpath(output_dir)
     staging = f"{output_dir}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with removed_on_failure(staging, os.path.dirname(staging) or ".",
+                            lambda cause: f"--output_dir {output_dir}: could not write the student ({cause})"):
         student.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         write_json(os.path.join(staging, TRUNCATION_FILE), record)
-    except Exception as err:
-        shutil.rmtree(staging, ignore_errors=True)
-        cause = file_system_failure(err, os.path.dirname(staging) or ".")
-        if cause:
-            raise UserError(f"--output_dir {output_dir}: could not write the student ({cause})") from err
-        raise
     if os.path.exists(output_dir):
         shutil.rmtree(output_dir)
     os.makedirs(os.path.dirname(output_dir) or ".", exist_ok=True)
