@@ -13,6 +13,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -82,8 +83,8 @@ def _average(total, mask, n_tokens):
 
 
 def _kl_rows(log_p, log_q):
-    """KL(p ‖ q) = Σ_v p (log p − log q) per row."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
+    """KL(p ‖ q) = Σ_v p (log p − log q) per row, with 0 · log 0 = 0 where p is 0 (a ``-inf`` logit)."""
+    return torch.where(log_p == -math.inf, 0.0, log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 def divergence_rows(student_logits, teacher_logits, temperature, divergence="forward_kl", jsd_beta=0.5):
@@ -138,11 +139,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, chunk):
         device_type = hidden.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(device_type, enabled=False):
             matrix, states = weight.to(dtype), hidden.to(dtype)
             buffer_dtype = torch.promote_types(dtype, torch.float32)
-            grad_hidden = torch.empty_like(hidden)
-            grad_weight = torch.zeros_like(weight, dtype=buffer_dtype)
+            # The stored gradients stay in float32 until the backward scales them: in fp16 the gradient of the
+            # unscaled summed loss overflows long before the loss-scaled one would.
+            grad_hidden = torch.empty_like(hidden, dtype=buffer_dtype) if want_hidden else None
+            grad_weight = torch.zeros_like(weight, dtype=buffer_dtype) if want_weight else None
             total = torch.zeros((), dtype=torch.float64, device=hidden.device)
             # One buffer for every chunk's logits: on CPU a fresh one per chunk costs page faults.
             buffer = torch.empty(min(chunk, len(states)), len(matrix), dtype=buffer_dtype, device=hidden.device)
@@ -161,24 +165,52 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probabilities = logits.sub_(log_normaliser).exp_()  # d loss / d logits = softmax − one-hot
                 probabilities.scatter_add_(1, safe_targets, -real.to(probabilities.dtype)).mul_(real)
                 gradient = probabilities.to(dtype)
-                grad_hidden[start:start + chunk] = gradient @ matrix
-                if dtype == buffer_dtype:
-                    grad_weight.addmm_(gradient.t(), rows)
-                else:
+                if want_hidden:
+                    grad_hidden[start:start + chunk] = gradient @ matrix
+                if want_weight and dtype in (buffer_dtype, torch.float16):
+                    # fp16's range cannot hold Σ over a chunk's rows of the unscaled gradient: float32 here.
+                    grad_weight.addmm_(probabilities.t(), rows.to(buffer_dtype))
+                elif want_weight:
                     grad_weight += (gradient.t() @ rows).to(buffer_dtype)
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        ctx.save_for_backward(grad_hidden, grad_weight)
         return total.to(buffer_dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_total):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_total, grad_weight * grad_total, None, None
+        scaled = [None if grad is None else (grad * grad_total).to(dtype)
+                  for grad, dtype in ((grad_hidden, ctx.hidden_dtype), (grad_weight, ctx.weight_dtype))]
+        return *scaled, None, None
+
+
+def _summed_nll(states, matrix, targets, chunk):
+    """Σ next-token NLL of ``states @ matrix.T`` over targets that are not IGNORE_INDEX, loss only: the matrix
+    product in the inputs' dtype, log-sum-exp and sums in float32 (float64 stays float64)."""
+    total = torch.zeros((), dtype=torch.float64, device=states.device)
+    for start in range(0, len(states), chunk):
+        row_targets = targets[start:start + chunk]
+        real = row_targets != IGNORE_INDEX
+        if not real.any():
+            continue
+        logits = _upcast(states[start:start + chunk][real] @ matrix.t())
+        total += (torch.logsumexp(logits, dim=-1) - logits.gather(1, row_targets[real].unsqueeze(1)).squeeze(1)
+                  ).sum(dtype=torch.float64)
+    return total
 
 
 def linear_cross_entropy(hidden, weight, targets):
     """Summed next-token cross-entropy of the logits ``hidden @ weight.T`` (no bias) over ``targets`` that are not
     IGNORE_INDEX, without materialising the logits: ``hidden`` [n, d], ``weight`` [vocabulary, d], ``targets`` [n]."""
-    return _LinearCrossEntropy.apply(hidden, weight, targets, max(1, CHUNK_ELEMENTS // weight.shape[0]))
+    chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    with torch.autocast(device_type, enabled=False):
+        return _summed_nll(hidden.to(dtype), weight.to(dtype), targets, chunk).to(
+            torch.promote_types(dtype, torch.float32))
 
 
 def _cosine_distance_rows(student_hidden, teacher_hidden):

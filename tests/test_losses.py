@@ -138,3 +138,73 @@ def test_linear_cross_entropy_matches_the_logits_loss_and_its_gradients(chunk):
     assert fused.item() == pytest.approx(direct.item(), rel=1e-12)
     for got, expected in zip(fused_grads, direct_grads):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_linear_cross_entropy_fp16_gradients_follow_the_loss_scale():
+    """8192 tokens with one large hidden feature: the unscaled weight gradient passes fp16's range, the scaled
+    (here by 2⁻¹⁶, as a loss scaler backing off would) one does not; it must stay finite and match the logits path."""
+    from lmcompress.losses import linear_cross_entropy
+
+    torch.manual_seed(0)
+    hidden = (torch.randn(8192, 8) * 0.1).half()
+    hidden[:, 0] = 64.0
+    weight = (torch.randn(16, 8) * 0.01).half().requires_grad_()
+    targets = torch.zeros(8192, dtype=torch.long)
+    scale = 2.0 ** -16
+    (linear_cross_entropy(hidden, weight, targets) * scale).backward()
+    reference_weight = weight.detach().double().requires_grad_()
+    logits = hidden.double() @ reference_weight.t()
+    (F.cross_entropy(logits, targets, reduction="sum") * scale).backward()
+    assert torch.isfinite(weight.grad).all()
+    assert torch.allclose(weight.grad.double(), reference_weight.grad, rtol=1e-2, atol=1e-3)
+
+
+def test_linear_cross_entropy_without_gradients_computes_only_the_loss(monkeypatch):
+    from lmcompress.losses import _LinearCrossEntropy, linear_cross_entropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(12, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(13, 8, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 13, (12,))
+    targets[3] = IGNORE_INDEX
+    expected = F.cross_entropy(hidden @ weight.t(), targets, reduction="sum")
+    monkeypatch.setattr(_LinearCrossEntropy, "apply", lambda *args: pytest.fail("gradients computed"))
+    with torch.no_grad():
+        assert torch.allclose(linear_cross_entropy(hidden, weight, targets), expected)
+    assert torch.allclose(linear_cross_entropy(hidden.detach(), weight.detach(), targets), expected)
+
+
+def test_linear_cross_entropy_frozen_weight_gets_no_gradient():
+    from lmcompress.losses import linear_cross_entropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 4, dtype=torch.float64)
+    targets = torch.randint(0, 5, (6,))
+    (grad,) = torch.autograd.grad(linear_cross_entropy(hidden, weight, targets), hidden)
+    (expected,) = torch.autograd.grad(F.cross_entropy(hidden @ weight.t(), targets, reduction="sum"), hidden)
+    assert weight.grad is None and torch.allclose(grad, expected)
+
+
+def test_linear_cross_entropy_refuses_second_derivatives():
+    from lmcompress.losses import linear_cross_entropy
+
+    hidden = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 5, (4,))
+    with pytest.raises(RuntimeError):
+        torch.autograd.gradgradcheck(lambda h, w: linear_cross_entropy(h, w, targets), (hidden, weight))
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_minus_infinity_logits_give_finite_divergences(divergence):
+    """A masked vocabulary entry (-inf in both models) has probability 0, and 0 · log 0 = 0 as in F.kl_div."""
+    student, teacher, mask = batch(torch.float64)
+    student[..., 0] = teacher[..., 0] = -torch.inf
+    loss = kd_loss(student, teacher, mask, temperature=1.0, divergence=divergence)
+    reference = kd_loss(student[..., 1:], teacher[..., 1:], mask, temperature=1.0, divergence=divergence)
+    assert torch.isfinite(loss) and torch.allclose(loss, reference)
+    if divergence == "forward_kl":
+        log_teacher, log_student = teacher.log_softmax(-1)[mask], student.log_softmax(-1)[mask]
+        expected = F.kl_div(log_student, log_teacher.exp(), reduction="sum") / mask.sum()
+        assert torch.allclose(loss, expected)
