@@ -130,7 +130,10 @@ class LMTrainer(Trainer):
         else:
             outputs = model(**forward_inputs, output_hidden_states=True, logits_to_keep=1)
             hidden = outputs.hidden_states[-1]
-            loss_sum = linear_cross_entropy(hidden.flatten(0, 1), head.weight, targets.flatten())
+            # The autocast of the run wraps only model.forward: the output layer's products need it here too.
+            precision = autocast_dtype(self.args)
+            with torch.autocast(hidden.device.type, dtype=precision, enabled=precision is not None):
+                loss_sum = linear_cross_entropy(hidden.flatten(0, 1), head.weight, targets.flatten())
         loss = loss_sum / n_tokens * scale
         return (loss, outputs) if return_outputs else loss
 

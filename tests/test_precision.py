@@ -1,0 +1,51 @@
+"""Under --bf16 every matrix product with a vocabulary-sized dimension runs in bfloat16, through the real
+training step (the model's forward, the fused loss outside it, and their backward)."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import train_command
+
+MATRIX_PRODUCTS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+                   torch.ops.aten.matmul.default, torch.ops.aten.linear.default}
+
+
+class VocabularyProducts(TorchDispatchMode):
+    """Records the input dtypes of every matrix product one of whose operands has a vocabulary-sized dimension."""
+
+    def __init__(self, vocabulary):
+        super().__init__()
+        self.vocabulary, self.dtypes = vocabulary, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in MATRIX_PRODUCTS:
+            tensors = [arg for arg in args if isinstance(arg, torch.Tensor)]
+            if any(self.vocabulary in tensor.shape for tensor in tensors):
+                self.dtypes.append({tensor.dtype for tensor in tensors})
+        return func(*args, **(kwargs or {}))
+
+
+def training_step_loss(argv, record=None):
+    from lmcompress.training import build_trainer
+
+    trainer, _ = build_trainer([str(arg) for arg in argv])
+    trainer.current_gradient_accumulation_steps = 1
+    model = trainer.accelerator.prepare_model(trainer.model)  # as train() does: autocast around model.forward
+    batch = next(iter(trainer.get_train_dataloader()))
+    batch = {key: value.to(trainer.args.device) for key, value in batch.items()}
+    model.train()
+    if record is None:
+        return trainer.training_step(model, batch).item(), model.config.vocab_size
+    with record:
+        return trainer.training_step(model, batch).item(), model.config.vocab_size
+
+
+@pytest.mark.slow
+def test_bf16_training_step_runs_vocabulary_products_in_bfloat16(tmp_path, tokenizer_dir, tiny_config, corpus_files):
+    argv = train_command(tmp_path / "out", tokenizer_dir, tiny_config, corpus_files, "--max_steps", 1)[1:]
+    reference, vocabulary = training_step_loss(argv)
+    recorder = VocabularyProducts(vocabulary)
+    loss, _ = training_step_loss([*argv, "--bf16"], recorder)
+    assert len(recorder.dtypes) >= 3, "forward, and both backward products of the output layer"
+    assert all(dtypes == {torch.bfloat16} for dtypes in recorder.dtypes), recorder.dtypes
+    assert loss == pytest.approx(reference, rel=2e-2)
