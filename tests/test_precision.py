@@ -25,8 +25,9 @@ class VocabularyProducts(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def training_step_loss(argv, record=None):
-    from lmcompress.training import build_trainer
+def training_step_loss(argv, record=None, build_trainer=None):
+    if build_trainer is None:
+        from lmcompress.training import build_trainer
 
     trainer, _ = build_trainer([str(arg) for arg in argv])
     trainer.current_gradient_accumulation_steps = 1
@@ -47,5 +48,21 @@ def test_bf16_training_step_runs_vocabulary_products_in_bfloat16(tmp_path, token
     recorder = VocabularyProducts(vocabulary)
     loss, _ = training_step_loss([*argv, "--bf16"], recorder)
     assert len(recorder.dtypes) >= 3, "forward, and both backward products of the output layer"
+    assert all(dtypes == {torch.bfloat16} for dtypes in recorder.dtypes), recorder.dtypes
+    assert loss == pytest.approx(reference, rel=2e-2)
+
+
+@pytest.mark.slow
+def test_bf16_distillation_step_runs_vocabulary_products_in_bfloat16(tmp_path, untrained_model, corpus_files):
+    from lmcompress.distillation import build_trainer
+
+    argv = ["--teacher_name_or_path", untrained_model, "--student_name_or_path", untrained_model,
+            "--train_file", corpus_files["train"], "--block_size", 64, "--per_device_train_batch_size", 4,
+            "--max_steps", 1, "--output_dir", tmp_path / "out", "--save_strategy", "no", "--report_to", "none",
+            "--alpha_ce", 0.5, "--alpha_clm", 0.5, "--seed", 1, "--dataloader_num_workers", 0]
+    reference, vocabulary = training_step_loss(argv, build_trainer=build_trainer)
+    recorder = VocabularyProducts(vocabulary)
+    loss, _ = training_step_loss([*argv, "--bf16"], recorder, build_trainer)
+    assert len(recorder.dtypes) >= 3, "the teacher's and the student's output layers, and the student's backward"
     assert all(dtypes == {torch.bfloat16} for dtypes in recorder.dtypes), recorder.dtypes
     assert loss == pytest.approx(reference, rel=2e-2)
