@@ -25,3 +25,5 @@ def test_evaluate_sh_with_an_uncached_hub_model_fails_in_one_line_and_leaves_no_
     result = subprocess.run(["bash", str(REPO / "evaluate.sh")], cwd=work, env=env, capture_output=True, text=True)
     assert_one_line_error(result)
     assert not (work / "gpt2").exists()
+    launch_line = next(line for line in result.stderr.splitlines() if line.startswith("+ "))
+    assert "--output_file" not in launch_line, "the output file's default is evaluate.py's, never MODEL/perplexity.json"
