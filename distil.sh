@@ -37,23 +37,22 @@ FREEZE_POS_EMBS=${FREEZE_POS_EMBS:-1}  # 1: do not train the position embeddings
 SAVE_STEPS=${SAVE_STEPS:-500}
 LOGGING_STEPS=${LOGGING_STEPS:-10}
 SEED=${SEED:-56}                       # the original distiller's seed
-PRECISION=${PRECISION:-}               # fp32 | fp16 | bf16 (default: fp16 on CUDA, else fp32)
+PRECISION=${PRECISION:-}               # fp32 | fp16 | bf16 (default: bf16 on GPUs of compute capability ≥ 8.0, fp16 older, fp32 CPU)
 RESUME=${RESUME:-}                     # auto: continue from the newest complete checkpoint in OUTPUT_DIR, if any
 
 source "$(dirname "$0")/scripts/lib.sh"
 
 if [[ -n "$STUDENT_CONFIG" ]]; then
-  STUDENT_ARGS="--student_config $STUDENT_CONFIG ${STUDENT_WEIGHTS:+--student_pretrained_weights $STUDENT_WEIGHTS}"
-else STUDENT_ARGS="--student_name_or_path $STUDENT"; fi
-FREEZE_ARGS=$([[ "$FREEZE_POS_EMBS" == 1 ]] && echo --freeze_pos_embs || echo "")
+  STUDENT_ARGS=(--student_config "$STUDENT_CONFIG" ${STUDENT_WEIGHTS:+--student_pretrained_weights "$STUDENT_WEIGHTS"})
+else STUDENT_ARGS=(--student_name_or_path "$STUDENT"); fi
+FREEZE_ARGS=(); if [[ "$FREEZE_POS_EMBS" == 1 ]]; then FREEZE_ARGS=(--freeze_pos_embs); fi
 
-# shellcheck disable=SC2046
-run distiller.py --teacher_name_or_path "$TEACHER" $STUDENT_ARGS ${TOKENIZER:+--tokenizer_name $TOKENIZER} \
-  $(data_args) $(precision_args) --output_dir "$OUTPUT_DIR" --num_train_epochs "$EPOCHS" --block_size "$BLOCK_SIZE" \
+run distiller.py --teacher_name_or_path "$TEACHER" "${STUDENT_ARGS[@]}" ${TOKENIZER:+--tokenizer_name "$TOKENIZER"} \
+  "${DATA_ARGS[@]}" "${PRECISION_ARGS[@]}" --output_dir "$OUTPUT_DIR" --num_train_epochs "$EPOCHS" --block_size "$BLOCK_SIZE" \
   --per_device_train_batch_size "$BATCH_SIZE" --per_device_eval_batch_size "$EVAL_BATCH_SIZE" \
   --gradient_accumulation_steps "$GRAD_ACC" --temperature "$TEMPERATURE" --alpha_ce "$ALPHA_CE" \
   --alpha_clm "$ALPHA_CLM" --alpha_cos "$ALPHA_COS" --alpha_mse "$ALPHA_MSE" --divergence "$DIVERGENCE" \
-  --jsd_beta "$JSD_BETA" $FREEZE_ARGS --learning_rate "$LEARNING_RATE" --warmup_ratio "$WARMUP_RATIO" \
+  --jsd_beta "$JSD_BETA" "${FREEZE_ARGS[@]}" --learning_rate "$LEARNING_RATE" --warmup_ratio "$WARMUP_RATIO" \
   --weight_decay "$WEIGHT_DECAY" --adam_epsilon "$ADAM_EPSILON" --max_grad_norm "$MAX_GRAD_NORM" --do_eval \
   --save_steps "$SAVE_STEPS" --logging_steps "$LOGGING_STEPS" --seed "$SEED" --report_to tensorboard \
   ${RESUME:+--resume_from_checkpoint "$RESUME"} "$@"

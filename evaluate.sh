@@ -15,12 +15,11 @@ SPLIT=${SPLIT:-test}
 BLOCK_SIZE=${BLOCK_SIZE:-1024}
 STRIDE=${STRIDE:-$BLOCK_SIZE}
 EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-8}
-OUTPUT_FILE=${OUTPUT_FILE:-$MODEL/perplexity.json}
-PRECISION=${PRECISION:-}               # fp32 | fp16 | bf16 (default: fp16 on CUDA, else fp32)
+OUTPUT_FILE=${OUTPUT_FILE:-}           # default: evaluate.py's (beside a model folder, else here)
+PRECISION=${PRECISION:-}               # fp32 | fp16 | bf16 (default: bf16 on GPUs of compute capability ≥ 8.0, fp16 older, fp32 CPU)
 
 source "$(dirname "$0")/scripts/lib.sh"
 
-# shellcheck disable=SC2046
-run evaluate.py --model_name_or_path "$MODEL" ${TOKENIZER:+--tokenizer_name "$TOKENIZER"} $(data_args) \
-  $(precision_args) --split "$SPLIT" --block_size "$BLOCK_SIZE" --stride "$STRIDE" \
-  --per_device_eval_batch_size "$EVAL_BATCH_SIZE" --output_file "$OUTPUT_FILE" "$@"
+run evaluate.py --model_name_or_path "$MODEL" ${TOKENIZER:+--tokenizer_name "$TOKENIZER"} "${DATA_ARGS[@]}" \
+  "${PRECISION_ARGS[@]}" --split "$SPLIT" --block_size "$BLOCK_SIZE" --stride "$STRIDE" \
+  --per_device_eval_batch_size "$EVAL_BATCH_SIZE" ${OUTPUT_FILE:+--output_file "$OUTPUT_FILE"} "$@"

@@ -25,16 +25,15 @@ WEIGHT_DECAY=${WEIGHT_DECAY:-0.0}
 SAVE_STEPS=${SAVE_STEPS:-500}
 LOGGING_STEPS=${LOGGING_STEPS:-50}
 SEED=${SEED:-42}
-PRECISION=${PRECISION:-}               # fp32 | fp16 | bf16 (default: fp16 on CUDA, else fp32)
+PRECISION=${PRECISION:-}               # fp32 | fp16 | bf16 (default: bf16 on GPUs of compute capability ≥ 8.0, fp16 older, fp32 CPU)
 RESUME=${RESUME:-}                     # auto: continue from the newest complete checkpoint in OUTPUT_DIR, if any
 
 source "$(dirname "$0")/scripts/lib.sh"
 
-if [[ -n "$CONFIG" ]]; then MODEL_ARGS="--config_name $CONFIG --tokenizer_name ${TOKENIZER:-$MODEL}"
-else MODEL_ARGS="--model_name_or_path $MODEL ${TOKENIZER:+--tokenizer_name $TOKENIZER}"; fi
+if [[ -n "$CONFIG" ]]; then MODEL_ARGS=(--config_name "$CONFIG" --tokenizer_name "${TOKENIZER:-$MODEL}")
+else MODEL_ARGS=(--model_name_or_path "$MODEL" ${TOKENIZER:+--tokenizer_name "$TOKENIZER"}); fi
 
-# shellcheck disable=SC2046
-run train.py $MODEL_ARGS $(data_args) $(precision_args) \
+run train.py "${MODEL_ARGS[@]}" "${DATA_ARGS[@]}" "${PRECISION_ARGS[@]}" \
   --output_dir "$OUTPUT_DIR" --num_train_epochs "$EPOCHS" --block_size "$BLOCK_SIZE" \
   --per_device_train_batch_size "$BATCH_SIZE" --per_device_eval_batch_size "$EVAL_BATCH_SIZE" \
   --gradient_accumulation_steps "$GRAD_ACC" --learning_rate "$LEARNING_RATE" --warmup_ratio "$WARMUP_RATIO" \

@@ -14,7 +14,7 @@ from .distributed import COLLECTIVE_TIMEOUT_S, init_distributed, local_main_firs
 from .errors import UserError, entry_point, require_writable_folder
 from .jsonio import write_json
 from .models import load_causal_lm, load_config, n_positions
-from .perplexity import perplexity_from, reduce_sums, stream_nll, window_spans, word_perplexity
+from .perplexity import check_stride, perplexity_from, reduce_sums, stream_nll, window_spans, word_perplexity
 from .throughput import evaluation_throughput
 from .tokenfiles import open_split, read_meta
 from .vocab import load_tokenizer
@@ -109,6 +109,7 @@ def main(argv=None):
         require_writable_folder(os.path.dirname(output_file) or ".", "--output_file")
     block_size = choose_block_size(data_args.block_size, n_positions(config))
     stride = block_size if args.stride is None else args.stride
+    check_stride(stride, block_size)
     folder = resolve_token_folder(data_args, tokenizer, tokenizer_name, local_main_first)
     meta = read_meta(folder)
     check_vocabulary(meta, config, str(folder))

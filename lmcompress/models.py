@@ -3,7 +3,7 @@ import json
 import os
 
 from .errors import UserError
-from .vocab import first_line
+from .vocab import first_line, require_folder_if_local
 
 
 def n_positions(config):
@@ -38,9 +38,7 @@ def load_config(config_name=None, model_name_or_path=None, config_flag="--config
 
 
 def _from_pretrained(cls, name_or_path, flag, **kwargs):
-    looks_local = os.path.isabs(name_or_path) or name_or_path.startswith(".") or os.path.exists(name_or_path)
-    if looks_local and not os.path.isdir(name_or_path):
-        raise UserError(f"{flag} {name_or_path}: no such folder")
+    require_folder_if_local(name_or_path, flag)
     try:
         return cls.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError, KeyError) as err:

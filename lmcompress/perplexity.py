@@ -18,10 +18,14 @@ IGNORE_INDEX = -100
 LOGIT_CHUNK = 4096
 
 
-def window_spans(n_tokens, block_size, stride):
-    """``(begin, end, first_scored)`` per window: tokens ``[begin, end)`` go in, ``[first_scored, end)`` count."""
+def check_stride(stride, block_size):
     if not 0 < stride <= block_size:
         raise UserError(f"--stride {stride}: must be between 1 and the block size ({block_size})")
+
+
+def window_spans(n_tokens, block_size, stride):
+    """``(begin, end, first_scored)`` per window: tokens ``[begin, end)`` go in, ``[first_scored, end)`` count."""
+    check_stride(stride, block_size)
     spans, begin, previous_end = [], 0, 0
     while True:
         end = min(begin + block_size, n_tokens)

@@ -6,15 +6,23 @@ import os
 from .errors import UserError
 
 
+def require_folder_if_local(name_or_path, flag):
+    """Refuse a path that names a local folder (absolute, relative, or deeper than the hub's ``owner/name``) that
+    does not exist, so a missing folder is not reported as a malformed hub name."""
+    looks_local = (os.path.isabs(name_or_path) or name_or_path.startswith(".") or name_or_path.count("/") > 1
+                   or os.path.exists(name_or_path))
+    if looks_local and not os.path.isdir(name_or_path):
+        raise UserError(f"{flag} {name_or_path}: no such folder (truncate.py writes truncated students, train.py "
+                        "and distiller.py their --output_dir; run the step that makes it first)")
+
+
 def load_tokenizer(name_or_path, flag="--tokenizer_name"):
     """Load a fast tokenizer from a folder (``save_pretrained``) or a hub name."""
     from transformers import AutoTokenizer
 
     if name_or_path is None:
         raise UserError(f"{flag} is required: give a tokenizer folder or hub name")
-    looks_local = os.path.isabs(name_or_path) or name_or_path.startswith(".") or os.path.exists(name_or_path)
-    if looks_local and not os.path.isdir(name_or_path):
-        raise UserError(f"{flag} {name_or_path}: no such folder")
+    require_folder_if_local(name_or_path, flag)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:

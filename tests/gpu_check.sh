@@ -113,6 +113,9 @@ distil_env() {  # distil_env PRECISION OUTPUT_DIR
 
 FLAGS=(--max_steps "$STEPS" --eval_strategy no --save_strategy no --report_to none --overwrite_output_dir)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+# The launch scripts' PRECISION default for this GPU (scripts/lib.sh): bf16 from compute capability 8.0, else fp16.
+"$PYTHON" -c 'import torch; major, minor = torch.cuda.get_device_capability(0)
+print(f"compute capability {major}.{minor}: PRECISION defaults to", "bf16" if major >= 8 else "fp16")' || true
 prepare
 for precision in fp16 bf16; do
   # shellcheck disable=SC2046
