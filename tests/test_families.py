@@ -1,0 +1,81 @@
+"""Truncation of decoder families other than GPT-2: logits equal the teacher run through only the kept blocks,
+and generation with the KV cache equals generation without it."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
+
+from lmcompress.errors import UserError
+from lmcompress.truncation import find_block_list, truncate_model
+
+SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64)
+
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**SMALL),
+    "mistral": lambda: MistralConfig(**SMALL),
+    "qwen2": lambda: Qwen2Config(**SMALL),
+    "opt": lambda: OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=4, num_attention_heads=4,
+                             max_position_embeddings=64, word_embed_proj_dim=32),
+    "gpt2-inverse-scaling": lambda: GPT2Config(vocab_size=64, n_embd=32, n_layer=4, n_head=4, n_positions=64,
+                                               scale_attn_by_inverse_layer_idx=True),
+}
+
+
+def teacher_of(name, dtype=torch.float32):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(CONFIGS[name]()).to(dtype).eval()
+
+
+def logits_through(teacher, layers, input_ids):
+    """The teacher's logits with its block list cut down to ``layers`` in place (the reference, not the code)."""
+    parent_name, _, attribute = find_block_list(teacher).rpartition(".")
+    parent = teacher.get_submodule(parent_name)
+    blocks = getattr(parent, attribute)
+    setattr(parent, attribute, torch.nn.ModuleList([blocks[i] for i in layers]))
+    try:
+        return teacher(input_ids, use_cache=False).logits
+    finally:
+        setattr(parent, attribute, blocks)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_truncated_logits_equal_teacher_through_kept_blocks(name):
+    dtype = torch.float64 if name.startswith("gpt2") else torch.float32
+    teacher = teacher_of(name, dtype)
+    layers = [0, 2, 3]
+    student = truncate_model(teacher, layers)
+    assert student.config.num_hidden_layers == 3
+    input_ids = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        expected = logits_through(teacher, layers, input_ids)
+        got = student(input_ids, use_cache=False).logits
+    if name.startswith("gpt2"):
+        # the reference keeps each teacher block's own 1 / (layer_idx + 1); the student gets it from the
+        # rescaled query projection, equal up to float64 rounding
+        assert (got - expected).abs().max().item() < 1e-12
+    else:
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["llama", "opt", "gpt2-inverse-scaling"])
+def test_generation_with_and_without_cache_agree(name):
+    student = truncate_model(teacher_of(name), [0, 3])
+    prompt = torch.randint(0, 64, (1, 5))
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = student.generate(prompt, use_cache=True, **kwargs)
+        uncached = student.generate(prompt, use_cache=False, **kwargs)
+    assert torch.equal(cached, uncached)
+
+
+def test_layer_idx_renumbered():
+    student = truncate_model(teacher_of("llama"), [1, 3])
+    assert [layer.self_attn.layer_idx for layer in student.model.layers] == [0, 1]
+
+
+def test_model_without_one_block_list_is_refused_in_one_line():
+    class Odd(torch.nn.Module):
+        config = LlamaConfig(**SMALL)
+
+    with pytest.raises(UserError, match="Odd: truncation needs its decoder blocks in one ModuleList"):
+        find_block_list(Odd())
