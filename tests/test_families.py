@@ -2,7 +2,8 @@
 and generation with the KV cache equals generation without it."""
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
+from transformers import (AutoModelForCausalLM, Gemma2Config, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig,
+                          OPTConfig, Phi3Config, Qwen2Config, Qwen3Config)
 
 from lmcompress.errors import UserError
 from lmcompress.truncation import find_block_list, truncate_model
@@ -14,6 +15,12 @@ CONFIGS = {
     "llama": lambda: LlamaConfig(**SMALL),
     "mistral": lambda: MistralConfig(**SMALL),
     "qwen2": lambda: Qwen2Config(**SMALL),
+    "qwen3": lambda: Qwen3Config(**SMALL, head_dim=8),
+    "phi3": lambda: Phi3Config(**SMALL, pad_token_id=0),
+    "gemma2": lambda: Gemma2Config(**SMALL, head_dim=8, sliding_window=4,
+                                   layer_types=["sliding_attention", "full_attention"] * 2),
+    "gpt_neox": lambda: GPTNeoXConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                      num_attention_heads=4, max_position_embeddings=64),
     "opt": lambda: OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=4, num_attention_heads=4,
                              max_position_embeddings=64, word_embed_proj_dim=32),
     "gpt2-inverse-scaling": lambda: GPT2Config(vocab_size=64, n_embd=32, n_layer=4, n_head=4, n_positions=64,
@@ -31,11 +38,16 @@ def logits_through(teacher, layers, input_ids):
     parent_name, _, attribute = find_block_list(teacher).rpartition(".")
     parent = teacher.get_submodule(parent_name)
     blocks = getattr(parent, attribute)
+    layer_types = getattr(teacher.config, "layer_types", None)
     setattr(parent, attribute, torch.nn.ModuleList([blocks[i] for i in layers]))
+    if layer_types is not None:  # the model's forward picks block i's mask by config.layer_types[i]
+        teacher.config.layer_types = [layer_types[i] for i in layers]
     try:
         return teacher(input_ids, use_cache=False).logits
     finally:
         setattr(parent, attribute, blocks)
+        if layer_types is not None:
+            teacher.config.layer_types = layer_types
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -66,6 +78,11 @@ def test_generation_with_and_without_cache_agree(name):
         cached = student.generate(prompt, use_cache=True, **kwargs)
         uncached = student.generate(prompt, use_cache=False, **kwargs)
     assert torch.equal(cached, uncached)
+
+
+def test_per_layer_config_lists_are_sliced():
+    student = truncate_model(teacher_of("gemma2"), [1, 2])
+    assert student.config.layer_types == ["full_attention", "sliding_attention"]
 
 
 def test_layer_idx_renumbered():
