@@ -96,3 +96,41 @@ def test_model_without_one_block_list_is_refused_in_one_line():
 
     with pytest.raises(UserError, match="Odd: truncation needs its decoder blocks in one ModuleList"):
         find_block_list(Odd())
+
+
+@pytest.fixture(scope="module")
+def llama_teacher(tmp_path_factory, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("llama6")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(LlamaConfig(**{**SMALL, "vocab_size": 512, "num_hidden_layers": 6})
+                                     ).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("strategy, extra, kept", [
+    ("alt", [], [0, 2, 4]), ("distil", ["--num_layers", "3"], [0, 3, 5]), ("first", ["--num_layers", "2"], [0, 1]),
+    ("last", ["--num_layers", "2"], [4, 5]), ("custom", ["--layers", "1,5"], [1, 5])])
+def test_truncate_py_on_a_llama_folder(llama_teacher, tmp_path, strategy, extra, kept):
+    from conftest import run
+
+    result = run(["truncate.py", "--teacher_name_or_path", llama_teacher, "--strategy", strategy,
+                  *extra, "--output_dir", tmp_path / "student"], check=False)
+    assert result.returncode == 0, result.stderr
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student").eval()
+    assert student.config.num_hidden_layers == len(kept)
+    teacher = AutoModelForCausalLM.from_pretrained(llama_teacher).eval()
+    input_ids = torch.randint(0, 512, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(student(input_ids, use_cache=False).logits,
+                                   logits_through(teacher, kept, input_ids), rtol=0, atol=0)
+
+
+def test_num_layers_beyond_the_depth_is_one_line(llama_teacher, tmp_path):
+    from conftest import assert_one_line_error, run
+
+    result = run(["truncate.py", "--teacher_name_or_path", llama_teacher, "--strategy", "first",
+                  "--num_layers", "7", "--output_dir", tmp_path / "student"], check=False)
+    assert_one_line_error(result, "--num_layers 7", "6 layers")
