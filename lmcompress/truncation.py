@@ -1,7 +1,7 @@
 """truncate.py: a shallower student made of chosen teacher blocks (the paper's "gpt2-alt", DistilGPT2's init).
 
 Student block i is teacher block ``layers[i]``; the embeddings, the final layer norm and the LM head are the
-teacher's. The depth comes from ``config.n_layer``, never from counting weight tensors. Keeping every layer
+teacher's. The depth comes from ``config.num_hidden_layers``, never from counting weight tensors. Keeping every layer
 gives the teacher back exactly.
 """
 import dataclasses
@@ -89,10 +89,23 @@ def select_layers(strategy, n_layer, num_layers=None, layers=None):
     return LAYER_MAPS[strategy](n_layer, n_keep)
 
 
-def student_state_dict(teacher_state, layers):
+def find_block_list(model):
+    """The dotted name of the one ``ModuleList`` holding the model's ``num_hidden_layers`` decoder blocks."""
+    import torch
+
+    depth = model.config.num_hidden_layers
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, torch.nn.ModuleList) and len(module) == depth]
+    if len(names) != 1:
+        raise UserError(f"{type(model).__name__}: truncation needs its decoder blocks in one ModuleList of "
+                        f"{depth} blocks; found {len(names)}")
+    return names[0]
+
+
+def student_state_dict(teacher_state, layers, block_list="transformer.h"):
     """The teacher's weights with block ``layers[i]`` renamed to block i and the other blocks left out."""
     new_index = {old: new for new, old in enumerate(layers)}
-    block = re.compile(r"^(transformer\.h\.)(\d+)(\..*)$")
+    block = re.compile(rf"^({re.escape(block_list)}\.)(\d+)(\..*)$")
     state = {}
     for name, tensor in teacher_state.items():
         match = block.match(name)
@@ -103,21 +116,53 @@ def student_state_dict(teacher_state, layers):
     return state
 
 
+def student_config(teacher_config, layers):
+    """The teacher's config with the depth set to ``len(layers)`` and every per-layer list sliced to ``layers``."""
+    depth = teacher_config.num_hidden_layers
+    values = teacher_config.to_dict()
+    for key, value in values.items():
+        if isinstance(value, list) and len(value) == depth:
+            values[key] = [value[i] for i in layers]
+    values[teacher_config.attribute_map.get("num_hidden_layers", "num_hidden_layers")] = len(layers)
+    return teacher_config.__class__.from_dict(values)
+
+
+def keep_inverse_layer_scaling(state, config, layers, block_list):
+    """GPT-2's ``scale_attn_by_inverse_layer_idx`` divides block i's scores by i + 1; student block i holds
+    teacher block ``layers[i]``, so its query projection is rescaled by (i + 1) / (layers[i] + 1)."""
+    if not getattr(config, "scale_attn_by_inverse_layer_idx", False):
+        return state
+    width = config.n_embd
+    for new, old in enumerate(layers):
+        factor = (new + 1) / (old + 1)
+        for suffix in ("weight", "bias"):
+            name = f"{block_list}.{new}.attn.c_attn.{suffix}"
+            tensor = state[name].clone()
+            tensor[..., :width] *= factor
+            state[name] = tensor
+    return state
+
+
 def check_truncatable(config, flag="--teacher_name_or_path"):
-    if config.model_type != "gpt2":
-        raise UserError(f"{flag}: a {config.model_type} model; truncation handles GPT-2-family models "
-                        "(model_type gpt2)")
+    if getattr(config, "num_hidden_layers", None) is None:
+        raise UserError(f"{flag}: a {config.model_type} model without num_hidden_layers; truncation handles "
+                        "decoder models (AutoModelForCausalLM) with their blocks in one ModuleList")
 
 
 def truncate_model(teacher, layers):
-    """A new model of ``len(layers)`` blocks holding the teacher's blocks ``layers`` and its other weights."""
+    """A new model of ``len(layers)`` blocks holding the teacher's blocks ``layers`` and its other weights.
+
+    Built from a sliced config, so each kept attention module's ``layer_idx`` is its new position and the KV
+    cache indexes the student's blocks."""
     from transformers import AutoModelForCausalLM
 
     check_truncatable(teacher.config)
-    config = teacher.config.__class__.from_dict(teacher.config.to_dict())
-    config.n_layer = len(layers)
+    block_list = find_block_list(teacher)
+    config = student_config(teacher.config, layers)
     student = AutoModelForCausalLM.from_config(config).to(teacher.dtype)
-    student.load_state_dict(student_state_dict(teacher.state_dict(), layers), strict=True)
+    state = student_state_dict(teacher.state_dict(), layers, block_list)
+    state = keep_inverse_layer_scaling(state, config, layers, block_list)
+    student.load_state_dict(state, strict=True)
     return student.eval()
 
 
@@ -165,13 +210,13 @@ def main(argv=None):
     check_output_folder(args.output_dir, args.overwrite_output_dir)
     config = load_config(None, args.teacher_name_or_path, model_flag="--teacher_name_or_path")
     check_truncatable(config)
-    layers = select_layers(args.strategy, config.n_layer, args.num_layers, args.layers)
+    layers = select_layers(args.strategy, config.num_hidden_layers, args.num_layers, args.layers)
     tokenizer_name = args.tokenizer_name or args.teacher_name_or_path
     tokenizer = load_tokenizer(tokenizer_name, "--tokenizer_name" if args.tokenizer_name else "--teacher_name_or_path")
     teacher = load_causal_lm(config, args.teacher_name_or_path, "--teacher_name_or_path")
     student = truncate_model(teacher, layers)
-    record = {"teacher": args.teacher_name_or_path, "teacher_n_layer": config.n_layer, "strategy": args.strategy,
+    record = {"teacher": args.teacher_name_or_path, "teacher_n_layer": config.num_hidden_layers, "strategy": args.strategy,
               "layers": layers}
     save_student(student, tokenizer, record, args.output_dir)
-    print(f"{args.output_dir}: {len(layers)} of {config.n_layer} layers ({args.strategy}): "
+    print(f"{args.output_dir}: {len(layers)} of {config.num_hidden_layers} layers ({args.strategy}): "
           f"{','.join(map(str, layers))}")
