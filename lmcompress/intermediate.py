@@ -198,3 +198,40 @@ def enable_capture(model, flag="--alpha_att/--alpha_val"):
     store = {}
     setattr(attention_module(transformer_blocks(model)[-1]), CAPTURE_ATTRIBUTE, store)
     return store
+
+
+class Taps:
+    """What the intermediate terms read from the student's and the teacher's forward: mapped block outputs and
+    the last layer's queries, keys and values."""
+
+    def __init__(self, args, student, teacher, student_folder, truncation_file):
+        self.active = bool(args.alpha_hidden or args.alpha_att or args.alpha_val)
+        args.resolved_layer_map = None
+        if args.alpha_hidden:
+            s_blocks, t_blocks = transformer_blocks(student), transformer_blocks(teacher)
+            layer_map, source = resolve_layer_map(args.layer_map, student_folder, len(s_blocks), len(t_blocks),
+                                                  truncation_file)
+            if source == "evenly spread" and int(os.environ.get("RANK", "0")) == 0:
+                print(f"distiller.py: note: the student has no {truncation_file} and no --layer_map was given: "
+                      f"--alpha_hidden uses the evenly spread map {','.join(f'{s}:{t}' for s, t in layer_map)}",
+                      flush=True)
+            args.resolved_layer_map = layer_map
+            self.student_blocks = BlockOutputs(s_blocks, [s for s, _ in layer_map])
+            self.teacher_blocks = BlockOutputs(t_blocks, [t for _, t in layer_map])
+        if args.alpha_att or args.alpha_val:
+            self.student_qkv, self.teacher_qkv = enable_capture(student), enable_capture(teacher)
+
+    def terms(self, args, forward_inputs, query_mask, n_tokens):
+        """The intermediate terms of the forwards just run, by log name."""
+        terms = {}
+        if args.alpha_hidden:
+            terms["loss_hidden"] = hidden_loss(self.student_blocks.outputs, self.teacher_blocks.outputs,
+                                               args.resolved_layer_map, query_mask, n_tokens)
+        if args.alpha_att or args.alpha_val:
+            if not self.student_qkv or not self.teacher_qkv:
+                raise UserError("--alpha_att/--alpha_val: the last layer's queries, keys and values were not "
+                                "captured (ZeRO-3 or a fused attention kernel?); set --alpha_att 0 --alpha_val 0")
+            real = forward_inputs.get("attention_mask", torch.ones_like(query_mask)).bool()
+            terms.update(relation_losses(self.student_qkv, self.teacher_qkv, real, query_mask, n_tokens,
+                                         args.num_relation_heads, args.alpha_att, args.alpha_val))
+        return terms
