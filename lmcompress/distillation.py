@@ -15,7 +15,7 @@ import sys
 import torch
 from transformers import default_data_collator
 
-from . import deepspeed_support
+from . import deepspeed_support, intermediate
 from .cli import parse_dataclass_args
 from .data import DataArguments
 from .errors import UserError, entry_point
@@ -78,6 +78,13 @@ class DistillationArguments:
     alpha_clm: float = _flag(2.0, "weight of the student's LM loss")
     alpha_cos: float = _flag(1.0, "weight of 1 − cosine of the last hidden states")
     alpha_mse: float = _flag(0.0, "weight of the MSE of logits")
+    alpha_hidden: float = _flag(0.0, "weight of the PKD hidden-state loss over the mapped blocks")
+    alpha_att: float = _flag(0.0, "weight of MiniLM's last-layer attention-distribution KL")
+    alpha_val: float = _flag(0.0, "weight of MiniLM's last-layer value-relation KL")
+    layer_map: str = _flag(None, "student:teacher block pairs for --alpha_hidden, e.g. 0:0,1:2 (default: the "
+                                 "student's truncation.json, else evenly spread)")
+    num_relation_heads: int = _flag(None, "regroup the attention/value relations into this many heads (needed "
+                                          "when teacher and student head counts differ)")
     divergence: str = _flag("forward_kl", "KD divergence: " + ", ".join(DIVERGENCES))
     jsd_beta: float = _flag(0.5, "with --divergence jsd: the teacher's share of the mixture, in (0, 1)")
     freeze_pos_embs: bool = _flag(False, "do not train the position embeddings")
@@ -105,10 +112,12 @@ class DistillationArguments:
 
     def alphas(self):
         return {"alpha_ce": self.alpha_ce, "alpha_clm": self.alpha_clm, "alpha_cos": self.alpha_cos,
-                "alpha_mse": self.alpha_mse}
+                "alpha_mse": self.alpha_mse, "alpha_hidden": self.alpha_hidden, "alpha_att": self.alpha_att,
+                "alpha_val": self.alpha_val}
 
     def uses_teacher(self):
-        return any((self.alpha_ce, self.alpha_cos, self.alpha_mse))
+        return any((self.alpha_ce, self.alpha_cos, self.alpha_mse, self.alpha_hidden, self.alpha_att,
+                    self.alpha_val))
 
 
 def loss_terms(args, student, teacher, targets, n_tokens):
@@ -127,7 +136,8 @@ def loss_terms(args, student, teacher, targets, n_tokens):
     return terms
 
 
-WEIGHTS = {"loss_ce": "alpha_ce", "loss_clm": "alpha_clm", "loss_cos": "alpha_cos", "loss_mse": "alpha_mse"}
+WEIGHTS = {"loss_ce": "alpha_ce", "loss_clm": "alpha_clm", "loss_cos": "alpha_cos", "loss_mse": "alpha_mse",
+           "loss_hidden": "alpha_hidden", "loss_att": "alpha_att", "loss_val": "alpha_val"}
 
 
 def weighted_sum(args, terms):
@@ -142,6 +152,7 @@ class DistillationTrainer(LMTrainer):
         self.distillation_args = distillation_args
         self.teacher = deepspeed_support.frozen_teacher(teacher, self.args, autocast_dtype(self.args))
         self._term_sums, self._term_tokens = {}, 0
+        self.taps = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.distillation_args
@@ -151,6 +162,8 @@ class DistillationTrainer(LMTrainer):
         teacher = self.teacher_outputs(forward_inputs) if args.uses_teacher() else None
         n_tokens, scale = self.normaliser(targets, num_items_in_batch)
         terms = loss_terms(args, student, teacher, targets, n_tokens)
+        if self.taps is not None:
+            terms.update(self.taps.terms(args, forward_inputs, targets != IGNORE_INDEX, n_tokens))
         loss = weighted_sum(args, terms)
         if model.training:
             self.record_terms(terms, n_tokens, targets)
@@ -260,6 +273,10 @@ def distillation_record(args):
     record = {"teacher": args.teacher_name_or_path, "student": args.student_name_or_path or args.student_config,
               "student_pretrained_weights": args.student_pretrained_weights, "temperature": args.temperature,
               "divergence": args.divergence, **args.alphas(), "freeze_pos_embs": args.freeze_pos_embs}
+    if args.alpha_hidden:
+        record["layer_map"] = [list(pair) for pair in args.resolved_layer_map]
+    if args.alpha_att or args.alpha_val:
+        record["num_relation_heads"] = args.num_relation_heads
     if args.divergence == "jsd":
         record["jsd_beta"] = args.jsd_beta
     truncation = os.path.join(args.student_name_or_path or "", TRUNCATION_FILE)
@@ -290,6 +307,10 @@ def build_trainer(argv=None):
     teacher_tokenizer = (tokenizer if tokenizer_name == args.teacher_name_or_path else
                          load_tokenizer(args.teacher_name_or_path, "--teacher_name_or_path"))
     check_compatible(args, teacher_config, student_config, teacher_tokenizer, tokenizer)
+    if args.alpha_hidden and teacher_config.n_embd != student_config.n_embd:
+        raise UserError(f"--alpha_hidden {args.alpha_hidden}: the teacher's hidden size {teacher_config.n_embd} "
+                        f"differs from the student's {student_config.n_embd} and there is no projection: set "
+                        "--alpha_hidden 0")
     student = load_student(args, student_config)
     if args.freeze_pos_embs:
         freeze_position_embeddings(student)
@@ -297,11 +318,13 @@ def build_trainer(argv=None):
     if training_args.eval_strategy != "no" and data.eval_tokens is None:
         raise UserError(f"--eval_strategy {training_args.eval_strategy}: the data has no validation split")
     teacher = load_causal_lm(teacher_config, args.teacher_name_or_path, "--teacher_name_or_path")
+    taps = intermediate.Taps(args, student, teacher, args.student_name_or_path, TRUNCATION_FILE)
     trainer = DistillationTrainer(model=student, args=training_args, train_dataset=data.train_dataset,
                                   data_collator=default_data_collator, processing_class=tokenizer,
                                   eval_tokens=data.eval_tokens, block_size=data.block_size,
                                   run_info={"block_size": data.block_size, "data": data.folder}, teacher=teacher,
                                   distillation_args=args)
+    trainer.taps = taps if taps.active else None
     add_throughput_callback(trainer, teacher=teacher)  # tokens/s and MFU (teacher forward counted) in every log
     return trainer, resume
 

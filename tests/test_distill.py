@@ -303,3 +303,29 @@ def test_legacy_flags_are_translated():
     assert any(note.startswith("--student_type gpt2: ignored") for note in notes)
     assert any(note.startswith("--n_gpu 8: ignored") for note in notes)
     assert "--dump_path is now --output_dir" in notes
+
+
+INTERMEDIATE = ["--alpha_hidden", "1", "--alpha_att", "1", "--alpha_val", "1"]
+
+
+def test_intermediate_terms_are_logged_and_accumulate_like_one_larger_batch(teacher, student, corpus_files, tmp_path):
+    results = {}
+    for name, batch, accumulation in (("big", 8, 1), ("accumulated", 4, 2)):
+        argv = distil_args(teacher, student, corpus_files, tmp_path / name, batch, 1)
+        trainer, _ = distillation.build_trainer([str(a) for a in argv] + INTERMEDIATE +
+                                                ["--gradient_accumulation_steps", str(accumulation)])
+        assert trainer.distillation_args.resolved_layer_map == [(0, 0), (1, 2)]  # from the student's truncation.json
+        trainer.train()
+        entry = next(entry for entry in trainer.state.log_history if "loss" in entry)
+        assert all(entry[term] > 0 for term in ("loss_hidden", "loss_att", "loss_val"))
+        results[name] = (entry["loss"], {k: v.clone() for k, v in trainer.model.state_dict().items()})
+    assert results["accumulated"][0] == pytest.approx(results["big"][0], abs=1e-5)
+    for name, value in results["big"][1].items():
+        assert torch.allclose(results["accumulated"][1][name], value, atol=1e-5), name
+
+
+def test_a_layer_map_naming_a_missing_block_is_one_line(teacher, student, corpus_files, tmp_path, capsys):
+    argv = distil_args(teacher, student, corpus_files, tmp_path / "out", 4, 1) + ["--alpha_hidden", "1",
+                                                                                  "--layer_map", "0:0,1:7"]
+    result = call_main(argv, capsys)
+    assert_one_line_error(result, "--layer_map 0:0,1:7: the teacher has no block 7")

@@ -1,0 +1,104 @@
+"""Intermediate-layer distillation terms against a direct eager computation (float64)."""
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from lmcompress import intermediate
+from lmcompress.errors import UserError
+
+
+def tiny_gpt2(n_head=2, n_embd=16, seed=0):
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=50, n_positions=32, n_embd=n_embd, n_layer=2, n_head=n_head)
+    return GPT2LMHeadModel(config).double().eval()
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    return LlamaForCausalLM(config).double().eval()
+
+
+def eager_attentions(model, ids, mask):
+    model.set_attn_implementation("eager")
+    return model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions[-1]
+
+
+def eager_att_kl(t_att, s_att, query_mask):
+    kl = (t_att * (t_att.clamp_min(1e-300).log() - s_att.clamp_min(1e-300).log())).sum(-1)  # (B, H, T)
+    return (kl * query_mask[:, None, :]).sum() / (t_att.shape[1] * query_mask.sum())
+
+
+def inputs():
+    ids = torch.randint(0, 50, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # right padding
+    return ids, mask
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama])
+def test_attention_kl_matches_eager_values_and_gradients(make):
+    teacher, student = make(seed=0), make(seed=1)
+    ids, mask = inputs()
+    real = mask.bool()
+    t_att = eager_attentions(teacher, ids, mask).detach()
+    s_att = eager_attentions(student, ids, mask)
+    expected = eager_att_kl(t_att, s_att, real.double())
+    expected_grad = torch.autograd.grad(expected, list(student.parameters()), allow_unused=True)
+
+    t_store, s_store = intermediate.enable_capture(teacher), intermediate.enable_capture(student)
+    with torch.no_grad():
+        teacher(input_ids=ids, attention_mask=mask)
+    student(input_ids=ids, attention_mask=mask)
+    got = intermediate.relation_losses(s_store, t_store, real, real, None, None, True, False)["loss_att"]
+    got_grad = torch.autograd.grad(got, list(student.parameters()), allow_unused=True)
+    torch.testing.assert_close(got, expected)
+    for g, e in zip(got_grad, expected_grad):
+        if e is not None:
+            torch.testing.assert_close(g, e)
+
+
+def test_value_relation_is_causal_and_chunking_does_not_change_it():
+    torch.manual_seed(0)
+    t_v, s_v = torch.randn(2, 2, 7, 4, dtype=torch.float64), torch.randn(2, 2, 7, 4, dtype=torch.float64)
+    real = torch.ones(2, 7, dtype=torch.bool)
+    whole = intermediate.relation_kl((t_v, t_v), (s_v, s_v), real, real, 0.5, 0.5, None, chunk=7)
+    chunked = intermediate.relation_kl((t_v, t_v), (s_v, s_v), real, real, 0.5, 0.5, None, chunk=2)
+    torch.testing.assert_close(whole, chunked)
+    causal = torch.ones(7, 7, dtype=torch.bool).tril()
+    t = (t_v @ t_v.transpose(-1, -2) * 0.5).masked_fill(~causal, float("-inf")).log_softmax(-1)
+    s = (s_v @ s_v.transpose(-1, -2) * 0.5).masked_fill(~causal, float("-inf")).log_softmax(-1)
+    direct = (t.exp() * (t - s)).nan_to_num().sum(-1).sum() / (2 * 14)
+    torch.testing.assert_close(whole, direct)
+
+
+def test_different_head_counts_regroup_or_refuse():
+    teacher, student = tiny_gpt2(n_head=4), tiny_gpt2(n_head=2)
+    ids, mask = inputs()
+    real = mask.bool()
+    t_store, s_store = intermediate.enable_capture(teacher), intermediate.enable_capture(student)
+    teacher(input_ids=ids, attention_mask=mask)
+    student(input_ids=ids, attention_mask=mask)
+    with pytest.raises(UserError, match="--num_relation_heads"):
+        intermediate.relation_losses(s_store, t_store, real, real, None, None, True, True)
+    terms = intermediate.relation_losses(s_store, t_store, real, real, None, 2, True, True)
+    assert all(torch.isfinite(value) and value > 0 for value in terms.values())
+
+
+def test_hidden_loss_is_zero_for_identical_states_and_positive_otherwise():
+    h = [torch.randn(2, 5, 8, dtype=torch.float64) for _ in range(3)]
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    assert intermediate.hidden_loss(h, h, [(0, 0), (1, 1)], mask, None) == 0
+    assert intermediate.hidden_loss(h, h, [(0, 1), (1, 2)], mask, None) > 0
+
+
+def test_layer_maps():
+    assert intermediate.even_map(3, 12) == [(0, 0), (1, 6), (2, 11)]
+    assert intermediate.parse_layer_map("0:0,1:2", 2, 4) == [(0, 0), (1, 2)]
+    with pytest.raises(UserError, match="--layer_map 0:0,1:9: the teacher has no block 9"):
+        intermediate.parse_layer_map("0:0,1:9", 2, 4)
+    with pytest.raises(UserError, match="the student has no block 5"):
+        intermediate.parse_layer_map("5:0", 2, 4)
+    with pytest.raises(UserError, match="student:teacher block pairs"):
+        intermediate.parse_layer_map("0-0", 2, 4)
