@@ -29,16 +29,16 @@ case "$SCALE" in
     VOCAB_SIZE=${VOCAB_SIZE:-4096}          # of the BPE trained here when GPT-2's is not in the hub cache
     BLOCK_SIZE=${BLOCK_SIZE:-128}
     BATCH_SIZE=${BATCH_SIZE:-16}
-    TEACHER_STEPS=${TEACHER_STEPS:-700}     # the teacher's own pre-training
+    TEACHER_STEPS=${TEACHER_STEPS:-600}     # the teacher's own pre-training
     STUDENT_STEPS=${STUDENT_STEPS:-40}      # each student's pre-training or distillation
-    FINETUNE_STEPS=${FINETUNE_STEPS:-60}    # every row's fine-tuning, with or without KD
+    FINETUNE_STEPS=${FINETUNE_STEPS:-50}    # every row's fine-tuning, with or without KD
     PROMPT=${PROMPT:-"The for statement is used to"}
     export NPROC_PER_NODE=${NPROC_PER_NODE:-1} PRECISION=${PRECISION:-fp32} BLOCK_SIZE BATCH_SIZE EVAL_BATCH_SIZE=16 \
       GRAD_ACC=1 LOGGING_STEPS=10 WARMUP_RATIO=0.05
     QUIET=(--save_strategy no --report_to none --disable_tqdm True)
     PRETRAIN_FLAGS=(--max_steps "$TEACHER_STEPS" --learning_rate 2e-3 "${QUIET[@]}")
     STUDENT_FLAGS=(--max_steps "$STUDENT_STEPS" --learning_rate 1e-3 "${QUIET[@]}")
-    FINETUNE_FLAGS=(--max_steps "$FINETUNE_STEPS" --learning_rate 1e-3 --eval_strategy steps --eval_steps 30 "${QUIET[@]}")
+    FINETUNE_FLAGS=(--max_steps "$FINETUNE_STEPS" --learning_rate 1e-3 --eval_strategy steps --eval_steps 25 "${QUIET[@]}")
     KD_FINETUNE_ENV=() KD_FINETUNE_FLAGS=()
     CALIBRATION_TOKENS=${CALIBRATION_TOKENS:-4096}
     STUDENT_CONFIG=$INPUTS/student-config.json

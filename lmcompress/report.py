@@ -12,17 +12,36 @@ import json
 import math
 from pathlib import Path
 
+TABLES = {
+    "kd_finetune": "Distillation while fine-tuning (the `distil` student after its distillation stage; the fine-tuned "
+                   "teacher teaches)",
+    "compression": "Compression: truncation, pre-training and distillation",
+    "cleaning": "Cleaning the pre-training data (the `alt` student pre-trained on the raw and on the cleaned corpus)",
+}
+# (table, row id, description, truncation strategy, folder of the run: rows that are the same run share it)
 ROWS = [
-    ("teacher", "teacher, fine-tuned", None),
-    ("random-init", "student from random init, fine-tuned", None),
-    ("first", "student `first` (truncation), fine-tuned", "first"),
-    ("distil-kd", "student `distil` + distillation, fine-tuned", "distil"),
-    ("alt-pretrain", "student `alt` + pre-training, fine-tuned", "alt"),
-    ("alt-kd", "student `alt` + distillation, fine-tuned", "alt"),
+    ("kd_finetune", "ft-none", "fine-tuned without KD (the compression table's `distil-kd`)", "distil", "distil-kd"),
+    ("kd_finetune", "ft-kd", "fine-tuned with logit KD", "distil", "ft-kd"),
+    ("kd_finetune", "ft-kd-hidden", "logit KD + hidden states (PKD)", "distil", "ft-kd-hidden"),
+    ("kd_finetune", "ft-kd-attention", "logit KD + attention/value relations (MiniLM)", "distil", "ft-kd-attention"),
+    ("kd_finetune", "ft-reverse-kl", "fine-tuned with reverse-KL KD", "distil", "ft-reverse-kl"),
+    ("compression", "teacher", "teacher, fine-tuned", None, "teacher"),
+    ("compression", "random-init", "student from random init, fine-tuned", None, "random-init"),
+    ("compression", "first", "student `first` (truncation), fine-tuned", "first", "first"),
+    ("compression", "distil-kd", "student `distil` + distillation, fine-tuned", "distil", "distil-kd"),
+    ("compression", "alt-pretrain", "student `alt` + pre-training, fine-tuned", "alt", "alt-pretrain"),
+    ("compression", "alt-kd", "student `alt` + distillation, fine-tuned", "alt", "alt-kd"),
+    ("compression", "importance", "student of the blocks `block_influence` ranks highest + distillation, fine-tuned",
+     "importance", "importance"),
+    ("cleaning", "alt-pretrain-raw", "student `alt` pre-trained on the raw corpus, fine-tuned", "alt",
+     "alt-pretrain-raw"),
+    ("cleaning", "alt-pretrain-clean", "student `alt` pre-trained on the cleaned corpus (the compression table's "
+     "`alt-pretrain`), fine-tuned", "alt", "alt-pretrain"),
 ]
 FIRST_STAGES = ("pretrain", "distil")
-COLUMNS = ["model", "route", "layers", "parameters", "stage1_tokens", "stage1_seconds", "finetune_tokens",
-           "finetune_seconds", "validation_ppl", "test_ppl", "test_word_ppl"]
+COLUMNS = ["table", "model", "route", "layers", "parameters", "stage1_tokens", "stage1_seconds", "finetune_tokens",
+           "finetune_seconds", "validation_ppl", "test_ppl", "test_word_ppl", "cleaning_dropped"]
+CLEANING_DATA = {"alt-pretrain-raw": "data/pretrain-raw", "alt-pretrain-clean": "data/pretrain"}
 
 
 def read_json(path):
@@ -49,22 +68,36 @@ def layers_kept(root, row, strategy, n_layer):
     return ",".join(map(str, record.get("layers", []))) or "?"
 
 
-def collect_row(root, row, description, strategy):
-    finetune = Path(root) / row / "finetune"
+def cleaning_dropped(root, row):
+    """What ``--clean`` dropped from the row's pre-training corpus, by kind: ``html=12;short=40``; None elsewhere."""
+    if row not in CLEANING_DATA:
+        return None
+    counts = (read_json(Path(root) / CLEANING_DATA[row] / "meta.json").get("cleaning") or {}).get("counts") or {}
+    dropped = {kind: n for kind, n in counts.items() if kind != "kept" and n}
+    total = sum(counts.values())
+    if not counts:
+        return "not cleaned"
+    return ";".join(f"{kind}={n}" for kind, n in dropped.items()) + f" ({sum(dropped.values()) / total:.1%} of lines)"
+
+
+def collect_row(root, table, row, description, strategy, folder):
+    finetune = Path(root) / folder / "finetune"
     config = read_json(finetune / "config.json")
-    stage = first_stage(root, row)
-    stage_results = read_json(Path(root) / row / stage / "train_results.json") if stage else {}
+    stage = first_stage(root, folder)
+    stage_results = read_json(Path(root) / folder / stage / "train_results.json") if stage else {}
     test = read_json(finetune / "perplexity.json")
+    n_layer = config.get("n_layer", config.get("num_hidden_layers"))
     return {
-        "model": row, "route": description,
-        "layers": layers_kept(root, row, strategy, config.get("n_layer")),
+        "table": table, "model": row, "route": description, "folder": folder,
+        "layers": layers_kept(root, row, strategy, n_layer),
         "parameters": read_json(finetune / "train_results.json").get("n_parameters"),
         "stage1_tokens": stage_results.get("train_tokens"),
-        "stage1_seconds": seconds(root, f"{row}-{stage}") if stage else None,
+        "stage1_seconds": seconds(root, f"{folder}-{stage}") if stage else None,
         "finetune_tokens": read_json(finetune / "train_results.json").get("train_tokens"),
-        "finetune_seconds": seconds(root, f"{row}-finetune"),
+        "finetune_seconds": seconds(root, f"{folder}-finetune"),
         "validation_ppl": read_json(finetune / "eval_results.json").get("perplexity"),
         "test_ppl": test.get("perplexity"), "test_word_ppl": test.get("word_perplexity"),
+        "cleaning_dropped": cleaning_dropped(root, row),
     }
 
 
