@@ -19,15 +19,41 @@ def test_paper_dry_run_prints_the_papers_commands(tmp_path):
     result = run(["bash", "reproduce.sh"], env={"SCALE": "paper", "DRY_RUN": "1", "OUTPUT_ROOT": tmp_path / "paper"})
     lines = result.stdout.splitlines()
     assert not (tmp_path / "paper").exists(), "a dry run writes nothing"
-    assert any("--dataset_name openwebtext --clean" in line for line in lines)
+    openwebtext = [line for line in lines if "--dataset_name openwebtext" in line]
+    assert len(openwebtext) == 2 and sum("--clean" in line for line in openwebtext) == 1, "raw and cleaned"
     assert any("wikitext-103-raw-v1" in line for line in lines)
-    assert sum("truncate.py --teacher_name_or_path gpt2 --strategy" in line for line in lines) == 3
+    assert sum("truncate.py --teacher_name_or_path gpt2 --strategy" in line for line in lines) == 4
     assert any("--strategy alt --num_layers 6" in line for line in lines)
-    assert sum("distil.sh" in line for line in lines) == 2 and sum("/train.sh" in line for line in lines) == 6
-    assert sum("evaluate.sh" in line for line in lines) == 6
-    assert any("pretrain.sh" in line and "truncated/alt" in line for line in lines)
+    importance = next(line for line in lines if "--strategy importance" in line)
+    assert "--importance block_influence" in importance and "--calibration_split train" in importance
+    assert sum("distil.sh" in line for line in lines) == 7 and sum("/train.sh" in line for line in lines) == 8
+    assert sum("evaluate.sh" in line for line in lines) == 12
+    assert any("pretrain.sh" in line and "truncated/alt" in line and "pretrain-raw" in line for line in lines)
     assert any("configs/distilgpt2.json" in line for line in lines)
     assert "--max_steps" not in result.stdout, "the paper scale runs the scripts' own (paper) settings"
+    kd = [line for line in lines if "distil.sh" in line and "TEACHER=" in line and "teacher/finetune" in line]
+    assert len(kd) == 4, "every ft-* row is taught by the fine-tuned teacher"
+    for line in kd:
+        assert "STUDENT=" + str(tmp_path / "paper" / "distil-kd" / "distil") in line
+        assert all(setting in line for setting in ("EPOCHS=6", "BATCH_SIZE=8", "GRAD_ACC=4", "TEMPERATURE=1.0",
+                                                   "ALPHA_CE=0.2", "ALPHA_CLM=0.2", "ALPHA_COS=0.2"))
+    assert any("--alpha_hidden 0.2 --layer_map 0:0\\,1:2\\,2:4\\,3:7\\,4:9\\,5:11" in line for line in kd)
+    assert any("--alpha_att 0.2 --alpha_val 0.2" in line for line in kd)
+    assert any("--divergence reverse_kl" in line for line in kd)
+
+
+def test_rows_selects_a_subset(tmp_path):
+    result = run(["bash", "reproduce.sh"], env={"SCALE": "paper", "DRY_RUN": "1", "ROWS": "ft-kd",
+                                                "OUTPUT_ROOT": tmp_path / "paper"})
+    assert "ft-kd/finetune" in result.stdout and "ft-kd-hidden" not in result.stdout
+    assert "teacher/finetune" in result.stdout and "distil-kd/distil" in result.stdout, "what ft-kd needs runs"
+    assert "alt-pretrain" not in result.stdout and "truncated/first" not in result.stdout
+
+
+def test_unknown_arch_is_refused(tmp_path):
+    result = run(["bash", "reproduce.sh"], env={"ARCH": "bert", "DRY_RUN": "1", "OUTPUT_ROOT": tmp_path / "x"},
+                 check=False)
+    assert result.returncode == 2 and "ARCH=bert" in result.stderr
 
 
 def test_unknown_scale_is_refused(tmp_path):
