@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The paper's table end to end: tokenize → truncate → pre-train or distil → fine-tune → evaluate, every row,
-# then results.md, results.csv and results.png under OUTPUT_ROOT.
+# The paper's three tables end to end (kd_finetune: KD while fine-tuning; compression: truncation, pre-training,
+# distillation; cleaning: the pre-training data raw or cleaned): tokenize → truncate → pre-train or distil →
+# fine-tune (with or without KD) → evaluate, then results.md, results.csv and results.png under OUTPUT_ROOT.
+#   ROWS="ft-kd alt-kd"               only these rows (and the stages they need)
+#   ARCH=llama                        mini scale: a Llama-architecture teacher instead of GPT-2
 #   SCALE=mini  bash reproduce.sh     offline, CPU, minutes: a small teacher pre-trained here on Python's docs
 #   SCALE=paper bash reproduce.sh     GPT-2, OpenWebText, WikiText-103, the paper's settings, on the GPUs present
 #   DRY_RUN=1   prints the commands without running them.
@@ -8,14 +11,15 @@
 set -euo pipefail
 
 SCALE=${SCALE:-mini}
-OUTPUT_ROOT=${OUTPUT_ROOT:-outputs/reproduce-$SCALE}
+ARCH=${ARCH:-gpt2}                      # mini scale: gpt2 | llama, the architecture of the teacher built here
+SUFFIX=$([[ "$ARCH" == gpt2 ]] || echo "-$ARCH")   # ARCH=llama writes its own results beside gpt2's
+OUTPUT_ROOT=${OUTPUT_ROOT:-outputs/reproduce-$SCALE$SUFFIX}
 DRY_RUN=${DRY_RUN:-0}
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$OUTPUT_ROOT
 export NPROC_PER_NODE=${NPROC_PER_NODE:-}
 
-ARCH=${ARCH:-gpt2}                      # mini scale: gpt2 | llama, the architecture of the teacher built here
 ROWS=${ROWS:-teacher random-init first distil-kd alt-pretrain alt-kd importance ft-kd ft-kd-hidden ft-kd-attention ft-reverse-kl alt-pretrain-raw}
 want() { [[ " $ROWS " == *" $1 "* ]]; }
 
