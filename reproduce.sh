@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The paper's table end to end: tokenize → truncate → pre-train or distil → fine-tune → evaluate, every row,
-# then results.md, results.csv and results.png under OUTPUT_ROOT.
+# The paper's three tables end to end (kd_finetune: KD while fine-tuning; compression: truncation, pre-training,
+# distillation; cleaning: the pre-training data raw or cleaned): tokenize → truncate → pre-train or distil →
+# fine-tune (with or without KD) → evaluate, then results.md, results.csv and results.png under OUTPUT_ROOT.
+#   ROWS="ft-kd alt-kd"               only these rows (and the stages they need)
+#   ARCH=llama                        mini scale: a Llama-architecture teacher instead of GPT-2
 #   SCALE=mini  bash reproduce.sh     offline, CPU, minutes: a small teacher pre-trained here on Python's docs
 #   SCALE=paper bash reproduce.sh     GPT-2, OpenWebText, WikiText-103, the paper's settings, on the GPUs present
 #   DRY_RUN=1   prints the commands without running them.
@@ -8,52 +11,65 @@
 set -euo pipefail
 
 SCALE=${SCALE:-mini}
-OUTPUT_ROOT=${OUTPUT_ROOT:-outputs/reproduce-$SCALE}
+ARCH=${ARCH:-gpt2}                      # mini scale: gpt2 | llama, the architecture of the teacher built here
+SUFFIX=$([[ "$ARCH" == gpt2 ]] || echo "-$ARCH")   # ARCH=llama writes its own results beside gpt2's
+OUTPUT_ROOT=${OUTPUT_ROOT:-outputs/reproduce-$SCALE$SUFFIX}
 DRY_RUN=${DRY_RUN:-0}
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$OUTPUT_ROOT
 export NPROC_PER_NODE=${NPROC_PER_NODE:-}
 
+ROWS=${ROWS:-teacher random-init first distil-kd alt-pretrain alt-kd importance ft-kd ft-kd-hidden ft-kd-attention ft-reverse-kl alt-pretrain-raw}
+want() { [[ " $ROWS " == *" $1 "* ]]; }
+
 case "$SCALE" in
   mini)
     INPUTS=$ROOT/inputs
     TOKENIZER=$INPUTS/tokenizer
-    TEACHER_CONFIG=${TEACHER_CONFIG:-$ROOT/inputs/teacher-config.json}
     TEACHER_LAYERS=${TEACHER_LAYERS:-4}
     STUDENT_LAYERS=${STUDENT_LAYERS:-2}
     WIDTH=${WIDTH:-128}
     VOCAB_SIZE=${VOCAB_SIZE:-4096}          # of the BPE trained here when GPT-2's is not in the hub cache
     BLOCK_SIZE=${BLOCK_SIZE:-128}
     BATCH_SIZE=${BATCH_SIZE:-16}
-    TEACHER_STEPS=${TEACHER_STEPS:-900}     # the teacher's own pre-training
+    TEACHER_STEPS=${TEACHER_STEPS:-600}     # the teacher's own pre-training
     STUDENT_STEPS=${STUDENT_STEPS:-40}      # each student's pre-training or distillation
-    FINETUNE_STEPS=${FINETUNE_STEPS:-60}   # every row's fine-tuning
+    FINETUNE_STEPS=${FINETUNE_STEPS:-50}    # every row's fine-tuning, with or without KD
     PROMPT=${PROMPT:-"The for statement is used to"}
-    # every stage: one process, full precision, a fixed number of steps, no intermediate checkpoints
     export NPROC_PER_NODE=${NPROC_PER_NODE:-1} PRECISION=${PRECISION:-fp32} BLOCK_SIZE BATCH_SIZE EVAL_BATCH_SIZE=16 \
       GRAD_ACC=1 LOGGING_STEPS=10 WARMUP_RATIO=0.05
-    QUIET="--save_strategy no --report_to none --disable_tqdm True"
-    PRETRAIN_FLAGS="--max_steps $TEACHER_STEPS --learning_rate 2e-3 $QUIET"
-    STUDENT_FLAGS="--max_steps $STUDENT_STEPS --learning_rate 1e-3 $QUIET"
-    FINETUNE_FLAGS="--max_steps $FINETUNE_STEPS --learning_rate 1e-3 --eval_strategy steps --eval_steps 30 $QUIET"
-    STUDENT_CONFIG=$ROOT/inputs/student-config.json
+    QUIET=(--save_strategy no --report_to none --disable_tqdm True)
+    PRETRAIN_FLAGS=(--max_steps "$TEACHER_STEPS" --learning_rate 2e-3 "${QUIET[@]}")
+    STUDENT_FLAGS=(--max_steps "$STUDENT_STEPS" --learning_rate 1e-3 "${QUIET[@]}")
+    FINETUNE_FLAGS=(--max_steps "$FINETUNE_STEPS" --learning_rate 1e-3 --eval_strategy steps --eval_steps 25 "${QUIET[@]}")
+    KD_FINETUNE_ENV=() KD_FINETUNE_FLAGS=()
+    CALIBRATION_TOKENS=${CALIBRATION_TOKENS:-4096}
+    STUDENT_CONFIG=$INPUTS/student-config.json
     ;;
   paper)
     TOKENIZER=gpt2
     TEACHER_LAYERS=12
     STUDENT_LAYERS=6
+    BLOCK_SIZE=1024
     PROMPT=${PROMPT:-"The history of the"}
-    PRETRAIN_FLAGS="" STUDENT_FLAGS="" FINETUNE_FLAGS=""   # the launch scripts' defaults are the paper's settings
+    PRETRAIN_FLAGS=() STUDENT_FLAGS=() FINETUNE_FLAGS=()   # the launch scripts' defaults are the paper's settings
+    # fine-tuning with KD: the original's distil_pkd.sh settings (WikiText-103, 6 epochs, batch 8 x 4, T 1, each alpha .2)
+    KD_FINETUNE_ENV=(EPOCHS=6 BATCH_SIZE=8 GRAD_ACC=4 TEMPERATURE=1.0 ALPHA_CE=0.2 ALPHA_CLM=0.2 ALPHA_COS=0.2)
+    KD_FINETUNE_FLAGS=(--eval_strategy epoch)   # selected and reported like a fine-tuned model
+    CALIBRATION_TOKENS=${CALIBRATION_TOKENS:-262144}
     STUDENT_CONFIG=$HERE/configs/distilgpt2.json
     ;;
   *) echo "reproduce.sh: error: SCALE=$SCALE: use mini or paper" >&2; exit 2 ;;
 esac
+case "$ARCH" in gpt2|llama) ;; *) echo "reproduce.sh: error: ARCH=$ARCH: use gpt2 or llama" >&2; exit 2 ;; esac
 
-PRETRAIN_DATA=$ROOT/data/pretrain
+PRETRAIN_DATA=$ROOT/data/pretrain          # cleaned, as the paper's OpenWebText
+PRETRAIN_RAW=$ROOT/data/pretrain-raw       # the same text, not cleaned: the cleaning table's other row
 FINETUNE_DATA=$ROOT/data/finetune
 TEACHER=$ROOT/teacher/pretrain
 [[ "$SCALE" == paper ]] && TEACHER=gpt2
+FINETUNED_TEACHER=$ROOT/teacher/finetune
 LOG=$ROOT/reproduce.log
 
 source "$HERE/scripts/lib.sh"
@@ -76,67 +92,94 @@ stage() {
 
 # ---------------------------------------------------------------------------- inputs and token folders
 if [[ "$SCALE" == mini ]]; then
-  stage inputs "$INPUTS/inputs.json" "$PYTHON" -m lmcompress.mini --output_dir "$INPUTS" --vocab_size "$VOCAB_SIZE"
-  write_configs() {
-    local vocab
-    vocab=$("$PYTHON" -c "import json,sys; print(json.load(open(sys.argv[1]))['vocab_size'])" "$INPUTS/inputs.json")
-    for spec in "teacher-config.json:$TEACHER_LAYERS" "student-config.json:$STUDENT_LAYERS"; do
-      printf '{"model_type": "gpt2", "vocab_size": %s, "n_positions": %s, "n_embd": %s, "n_layer": %s, "n_head": 4, "bos_token_id": 0, "eos_token_id": 0}\n' \
-        "$vocab" "$BLOCK_SIZE" "$WIDTH" "${spec#*:}" > "$INPUTS/${spec%%:*}"
-    done
-  }
-  stage configs "$INPUTS/student-config.json" write_configs
-  stage tokenize-pretrain "$PRETRAIN_DATA/meta.json" "$PYTHON" "$HERE/tokenize_datasets.py" \
-    --tokenizer_name_or_path "$TOKENIZER" --train_file "$INPUTS/pretrain.txt" --output_dir "$PRETRAIN_DATA"
-  stage tokenize-finetune "$FINETUNE_DATA/meta.json" "$PYTHON" "$HERE/tokenize_datasets.py" \
-    --tokenizer_name_or_path "$TOKENIZER" --train_file "$INPUTS/finetune-train.txt" \
-    --validation_file "$INPUTS/finetune-validation.txt" --test_file "$INPUTS/finetune-test.txt" \
-    --output_dir "$FINETUNE_DATA"
-  # the teacher: pre-trained here, since no GPT-2 weights can be had offline
-  # shellcheck disable=SC2086
-  stage teacher-pretrain "$TEACHER/eval_results.json" env CONFIG="$TEACHER_CONFIG" TOKENIZER="$TOKENIZER" \
-    DATASET_DIR="$PRETRAIN_DATA" OUTPUT_DIR="$TEACHER" bash "$HERE/pretrain.sh" $PRETRAIN_FLAGS
+  stage inputs "$INPUTS/inputs.json" "$PYTHON" -m lmcompress.mini --output_dir "$INPUTS" --vocab_size "$VOCAB_SIZE" \
+    --arch "$ARCH" --block_size "$BLOCK_SIZE" --width "$WIDTH" --teacher_layers "$TEACHER_LAYERS" \
+    --student_layers "$STUDENT_LAYERS"
+  PRETRAIN_SOURCE=(--train_file "$INPUTS/pretrain.txt")
+  FINETUNE_SOURCE=(--train_file "$INPUTS/finetune-train.txt" --validation_file "$INPUTS/finetune-validation.txt"
+    --test_file "$INPUTS/finetune-test.txt")
 else
-  stage tokenize-pretrain "$PRETRAIN_DATA/meta.json" "$PYTHON" "$HERE/tokenize_datasets.py" \
-    --tokenizer_name_or_path "$TOKENIZER" --dataset_name openwebtext --clean --num_proc 8 --output_dir "$PRETRAIN_DATA"
-  stage tokenize-finetune "$FINETUNE_DATA/meta.json" "$PYTHON" "$HERE/tokenize_datasets.py" \
-    --tokenizer_name_or_path "$TOKENIZER" --dataset_name wikitext --dataset_config_name wikitext-103-raw-v1 \
-    --output_dir "$FINETUNE_DATA"
+  PRETRAIN_SOURCE=(--dataset_name openwebtext --num_proc 8)
+  FINETUNE_SOURCE=(--dataset_name wikitext --dataset_config_name wikitext-103-raw-v1)
+fi
+stage tokenize-pretrain "$PRETRAIN_DATA/meta.json" "$PYTHON" "$HERE/tokenize_datasets.py" \
+  --tokenizer_name_or_path "$TOKENIZER" "${PRETRAIN_SOURCE[@]}" --clean --output_dir "$PRETRAIN_DATA"
+if want alt-pretrain-raw; then
+  stage tokenize-pretrain-raw "$PRETRAIN_RAW/meta.json" "$PYTHON" "$HERE/tokenize_datasets.py" \
+    --tokenizer_name_or_path "$TOKENIZER" "${PRETRAIN_SOURCE[@]}" --output_dir "$PRETRAIN_RAW"
+fi
+stage tokenize-finetune "$FINETUNE_DATA/meta.json" "$PYTHON" "$HERE/tokenize_datasets.py" \
+  --tokenizer_name_or_path "$TOKENIZER" "${FINETUNE_SOURCE[@]}" --output_dir "$FINETUNE_DATA"
+if [[ "$SCALE" == mini ]]; then
+  # the teacher: pre-trained here, since no GPT-2 weights can be had offline
+  stage teacher-pretrain "$TEACHER/eval_results.json" env CONFIG="$INPUTS/teacher-config.json" TOKENIZER="$TOKENIZER" \
+    DATASET_DIR="$PRETRAIN_DATA" OUTPUT_DIR="$TEACHER" bash "$HERE/pretrain.sh" "${PRETRAIN_FLAGS[@]}"
 fi
 
 # ---------------------------------------------------------------------------- students by truncation
-for strategy in first distil alt; do
+truncate_student() {  # truncate_student STRATEGY FLAGS...
+  local strategy=$1; shift
   stage "truncate-$strategy" "$ROOT/truncated/$strategy/truncation.json" "$PYTHON" "$HERE/truncate.py" \
     --teacher_name_or_path "$TEACHER" --strategy "$strategy" --num_layers "$STUDENT_LAYERS" \
-    --output_dir "$ROOT/truncated/$strategy"
-done
+    --output_dir "$ROOT/truncated/$strategy" "$@"
+}
+want first && truncate_student first
+truncate_student distil
+want alt-pretrain || want alt-kd || want alt-pretrain-raw && truncate_student alt
+want importance && truncate_student importance --importance block_influence --dataset_dir "$PRETRAIN_DATA" \
+  --calibration_split train --calibration_tokens "$CALIBRATION_TOKENS" --block_size "$BLOCK_SIZE"
 
 # ---------------------------------------------------------------------------- first stage of each route
-# shellcheck disable=SC2086
-stage alt-pretrain-pretrain "$ROOT/alt-pretrain/pretrain/eval_results.json" env MODEL="$ROOT/truncated/alt" \
-  DATASET_DIR="$PRETRAIN_DATA" OUTPUT_DIR="$ROOT/alt-pretrain/pretrain" bash "$HERE/pretrain.sh" $STUDENT_FLAGS
-for row in distil-kd:distil alt-kd:alt; do
-  # shellcheck disable=SC2086
+pretrain_student() {  # pretrain_student ROW DATA
+  stage "$1-pretrain" "$ROOT/$1/pretrain/eval_results.json" env MODEL="$ROOT/truncated/alt" \
+    DATASET_DIR="$2" OUTPUT_DIR="$ROOT/$1/pretrain" bash "$HERE/pretrain.sh" "${STUDENT_FLAGS[@]}"
+}
+want alt-pretrain && pretrain_student alt-pretrain "$PRETRAIN_DATA"
+want alt-pretrain-raw && pretrain_student alt-pretrain-raw "$PRETRAIN_RAW"
+for row in distil-kd:distil alt-kd:alt importance:importance; do
+  want "${row%%:*}" || [[ "${row%%:*}" == distil-kd ]] || continue   # every ft-* row starts from distil-kd's student
   stage "${row%%:*}-distil" "$ROOT/${row%%:*}/distil/eval_results.json" env TEACHER="$TEACHER" \
     STUDENT="$ROOT/truncated/${row#*:}" DATASET_DIR="$PRETRAIN_DATA" OUTPUT_DIR="$ROOT/${row%%:*}/distil" \
-    bash "$HERE/distil.sh" $STUDENT_FLAGS
+    bash "$HERE/distil.sh" "${STUDENT_FLAGS[@]}"
 done
 
 # ---------------------------------------------------------------------------- fine-tuning and test
-finetune() {  # finetune ROW MODEL_OR_CONFIG_VARIABLE=VALUE
-  local row=$1 init=$2
-  # shellcheck disable=SC2086
-  stage "$row-finetune" "$ROOT/$row/finetune/eval_results.json" env "$init" TOKENIZER="$TOKENIZER" \
-    DATASET_DIR="$FINETUNE_DATA" OUTPUT_DIR="$ROOT/$row/finetune" bash "$HERE/train.sh" $FINETUNE_FLAGS
-  stage "$row-test" "$ROOT/$row/finetune/perplexity.json" env MODEL="$ROOT/$row/finetune" \
+test_row() {
+  stage "$1-test" "$ROOT/$1/finetune/perplexity.json" env MODEL="$ROOT/$1/finetune" \
     DATASET_DIR="$FINETUNE_DATA" bash "$HERE/evaluate.sh"
 }
-finetune teacher MODEL="$TEACHER"
-finetune random-init CONFIG="$STUDENT_CONFIG"
-finetune first MODEL="$ROOT/truncated/first"
-finetune distil-kd MODEL="$ROOT/distil-kd/distil"
-finetune alt-pretrain MODEL="$ROOT/alt-pretrain/pretrain"
-finetune alt-kd MODEL="$ROOT/alt-kd/distil"
+finetune() {  # finetune ROW MODEL_OR_CONFIG_VARIABLE=VALUE
+  local row=$1 init=$2
+  stage "$row-finetune" "$ROOT/$row/finetune/eval_results.json" env "$init" TOKENIZER="$TOKENIZER" \
+    DATASET_DIR="$FINETUNE_DATA" OUTPUT_DIR="$ROOT/$row/finetune" bash "$HERE/train.sh" "${FINETUNE_FLAGS[@]}"
+  test_row "$row"
+}
+finetune teacher MODEL="$TEACHER"   # every ft-* row needs the fine-tuned teacher
+want random-init && finetune random-init CONFIG="$STUDENT_CONFIG"
+want first && finetune first MODEL="$ROOT/truncated/first"
+want distil-kd && finetune distil-kd MODEL="$ROOT/distil-kd/distil"   # also the kd_finetune table's ft-none
+want alt-pretrain && finetune alt-pretrain MODEL="$ROOT/alt-pretrain/pretrain"   # also alt-pretrain-clean
+want alt-kd && finetune alt-kd MODEL="$ROOT/alt-kd/distil"
+want importance && finetune importance MODEL="$ROOT/importance/distil"
+want alt-pretrain-raw && finetune alt-pretrain-raw MODEL="$ROOT/alt-pretrain-raw/pretrain"
+
+# the distil student after its distillation stage, fine-tuned with KD from the fine-tuned teacher
+# student block -> the teacher block it was copied from (the distilled folder has no truncation.json of its own)
+LAYER_MAP=$("$PYTHON" -c "from lmcompress.truncation import distil_layers
+print(','.join(f'{s}:{t}' for s, t in enumerate(distil_layers($TEACHER_LAYERS, $STUDENT_LAYERS))))")
+kd_finetune() {  # kd_finetune ROW DISTILLER_FLAGS...
+  local row=$1; shift
+  want "$row" || return 0
+  stage "$row-finetune" "$ROOT/$row/finetune/eval_results.json" env "${KD_FINETUNE_ENV[@]}" \
+    TEACHER="$FINETUNED_TEACHER" STUDENT="$ROOT/distil-kd/distil" TOKENIZER="$TOKENIZER" \
+    DATASET_DIR="$FINETUNE_DATA" OUTPUT_DIR="$ROOT/$row/finetune" bash "$HERE/distil.sh" \
+    "${FINETUNE_FLAGS[@]}" "${KD_FINETUNE_FLAGS[@]}" "$@"
+  test_row "$row"
+}
+kd_finetune ft-kd
+kd_finetune ft-kd-hidden --alpha_hidden 0.2 --layer_map "$LAYER_MAP"
+kd_finetune ft-kd-attention --alpha_att 0.2 --alpha_val 0.2
+kd_finetune ft-reverse-kl --divergence reverse_kl
 
 if [[ "$DRY_RUN" == 1 ]]; then
   printf '%q ' "$PYTHON" -m lmcompress.report --output_root "$ROOT" --prompt "$PROMPT"; echo

@@ -49,3 +49,59 @@ def topics():
         yield table[name].strip()
 
 
+
+
+def _licence_lines(paths, limit=400):
+    """Leading comment lines of source files: licence and boilerplate text, repeated across the sources."""
+    for path in paths[:limit]:
+        try:
+            head = path.read_text(encoding="utf-8").splitlines()[:8]
+        except (UnicodeDecodeError, OSError):
+            continue
+        lines = [line for line in head if line.startswith("#") and len(line) > 2]
+        if lines:
+            yield "\n".join(lines)
+
+
+def _code_lines(paths, limit=200, per_file=12):
+    """Short and symbol-heavy lines of source code: brackets, operators, decorators."""
+    for path in paths[:limit]:
+        try:
+            text = path.read_text(encoding="utf-8").splitlines()
+        except (UnicodeDecodeError, OSError):
+            continue
+        picked = [line.strip() for line in text if 0 < len(line.strip()) < 40][:per_file]
+        if picked:
+            yield "\n".join(picked)
+
+
+def _help_html():
+    path = Path(sysconfig.get_paths()["stdlib"]) / "idlelib" / "help.html"
+    if path.is_file():
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        for start in range(0, len(lines), 40):
+            yield "\n".join(lines[start:start + 40])
+
+
+def noisy_documents():
+    """Real text of the kinds that web-crawled corpora carry and cleaning drops: documentation HTML (IDLE's
+    help page), licence headers repeated across files, and short or symbol-heavy lines of source code."""
+    sources = list(_stdlib_sources())
+    yield from _help_html()
+    yield from _licence_lines(sources)
+    yield from _code_lines(sources)
+
+
+def with_noise(documents, noise, every=4):
+    """``documents`` with one ``noise`` document after each ``every`` of them, the rest of the noise at the end."""
+    noise = iter(noise)
+    for index, document in enumerate(documents, 1):
+        yield document
+        if index % every == 0:
+            yield from _take(noise)
+    yield from noise
+
+
+def _take(iterator):
+    item = next(iterator, None)
+    return () if item is None else (item,)

@@ -12,17 +12,36 @@ import json
 import math
 from pathlib import Path
 
+TABLES = {
+    "kd_finetune": "Distillation while fine-tuning (the `distil` student after its distillation stage; the fine-tuned "
+                   "teacher teaches)",
+    "compression": "Compression: truncation, pre-training and distillation",
+    "cleaning": "Cleaning the pre-training data (the `alt` student pre-trained on the raw and on the cleaned corpus)",
+}
+# (table, row id, description, truncation strategy, folder of the run: rows that are the same run share it)
 ROWS = [
-    ("teacher", "teacher, fine-tuned", None),
-    ("random-init", "student from random init, fine-tuned", None),
-    ("first", "student `first` (truncation), fine-tuned", "first"),
-    ("distil-kd", "student `distil` + distillation, fine-tuned", "distil"),
-    ("alt-pretrain", "student `alt` + pre-training, fine-tuned", "alt"),
-    ("alt-kd", "student `alt` + distillation, fine-tuned", "alt"),
+    ("kd_finetune", "ft-none", "fine-tuned without KD (the compression table's `distil-kd`)", "distil", "distil-kd"),
+    ("kd_finetune", "ft-kd", "fine-tuned with logit KD", "distil", "ft-kd"),
+    ("kd_finetune", "ft-kd-hidden", "logit KD + hidden states (PKD)", "distil", "ft-kd-hidden"),
+    ("kd_finetune", "ft-kd-attention", "logit KD + attention/value relations (MiniLM)", "distil", "ft-kd-attention"),
+    ("kd_finetune", "ft-reverse-kl", "fine-tuned with reverse-KL KD", "distil", "ft-reverse-kl"),
+    ("compression", "teacher", "teacher, fine-tuned", None, "teacher"),
+    ("compression", "random-init", "student from random init, fine-tuned", None, "random-init"),
+    ("compression", "first", "student `first` (truncation), fine-tuned", "first", "first"),
+    ("compression", "distil-kd", "student `distil` + distillation, fine-tuned", "distil", "distil-kd"),
+    ("compression", "alt-pretrain", "student `alt` + pre-training, fine-tuned", "alt", "alt-pretrain"),
+    ("compression", "alt-kd", "student `alt` + distillation, fine-tuned", "alt", "alt-kd"),
+    ("compression", "importance", "student of the blocks `block_influence` ranks highest + distillation, fine-tuned",
+     "importance", "importance"),
+    ("cleaning", "alt-pretrain-raw", "student `alt` pre-trained on the raw corpus, fine-tuned", "alt",
+     "alt-pretrain-raw"),
+    ("cleaning", "alt-pretrain-clean", "student `alt` pre-trained on the cleaned corpus (the compression table's "
+     "`alt-pretrain`), fine-tuned", "alt", "alt-pretrain"),
 ]
 FIRST_STAGES = ("pretrain", "distil")
-COLUMNS = ["model", "route", "layers", "parameters", "stage1_tokens", "stage1_seconds", "finetune_tokens",
-           "finetune_seconds", "validation_ppl", "test_ppl", "test_word_ppl"]
+COLUMNS = ["table", "model", "route", "layers", "parameters", "stage1_tokens", "stage1_seconds", "finetune_tokens",
+           "finetune_seconds", "validation_ppl", "test_ppl", "test_word_ppl", "cleaning_dropped"]
+CLEANING_DATA = {"alt-pretrain-raw": "data/pretrain-raw", "alt-pretrain-clean": "data/pretrain"}
 
 
 def read_json(path):
@@ -49,22 +68,36 @@ def layers_kept(root, row, strategy, n_layer):
     return ",".join(map(str, record.get("layers", []))) or "?"
 
 
-def collect_row(root, row, description, strategy):
-    finetune = Path(root) / row / "finetune"
+def cleaning_dropped(root, row):
+    """What ``--clean`` dropped from the row's pre-training corpus, by kind: ``html=12;short=40``; None elsewhere."""
+    if row not in CLEANING_DATA:
+        return None
+    counts = (read_json(Path(root) / CLEANING_DATA[row] / "meta.json").get("cleaning") or {}).get("counts") or {}
+    dropped = {kind: n for kind, n in counts.items() if kind != "kept" and n}
+    total = sum(counts.values())
+    if not counts:
+        return "not cleaned"
+    return ";".join(f"{kind}={n}" for kind, n in dropped.items()) + f" ({sum(dropped.values()) / total:.1%} of lines)"
+
+
+def collect_row(root, table, row, description, strategy, folder):
+    finetune = Path(root) / folder / "finetune"
     config = read_json(finetune / "config.json")
-    stage = first_stage(root, row)
-    stage_results = read_json(Path(root) / row / stage / "train_results.json") if stage else {}
+    stage = first_stage(root, folder)
+    stage_results = read_json(Path(root) / folder / stage / "train_results.json") if stage else {}
     test = read_json(finetune / "perplexity.json")
+    n_layer = config.get("n_layer", config.get("num_hidden_layers"))
     return {
-        "model": row, "route": description,
-        "layers": layers_kept(root, row, strategy, config.get("n_layer")),
+        "table": table, "model": row, "route": description, "folder": folder,
+        "layers": layers_kept(root, row, strategy, n_layer),
         "parameters": read_json(finetune / "train_results.json").get("n_parameters"),
         "stage1_tokens": stage_results.get("train_tokens"),
-        "stage1_seconds": seconds(root, f"{row}-{stage}") if stage else None,
+        "stage1_seconds": seconds(root, f"{folder}-{stage}") if stage else None,
         "finetune_tokens": read_json(finetune / "train_results.json").get("train_tokens"),
-        "finetune_seconds": seconds(root, f"{row}-finetune"),
+        "finetune_seconds": seconds(root, f"{folder}-finetune"),
         "validation_ppl": read_json(finetune / "eval_results.json").get("perplexity"),
         "test_ppl": test.get("perplexity"), "test_word_ppl": test.get("word_perplexity"),
+        "cleaning_dropped": cleaning_dropped(root, row),
     }
 
 
@@ -75,7 +108,8 @@ def greedy_continuation(model_dir, prompt, max_new_tokens=24):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    room = model.config.n_positions - input_ids.shape[1]
+    context = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
+    room = context - input_ids.shape[1]
     with torch.no_grad():
         output = model.generate(input_ids, max_new_tokens=max(1, min(max_new_tokens, room)), do_sample=False,
                                 pad_token_id=tokenizer.eos_token_id)
@@ -90,24 +124,90 @@ def fmt(value, digits=2):
     return f"{value:,}"
 
 
+def by_model(rows):
+    return {row["model"]: row for row in rows if row["test_ppl"] is not None}
+
+
+def kd_finetune_finding(rows):
+    table = by_model(rows)
+    if "ft-none" not in table or len(table) < 2:
+        return "Too few rows ran to compare (run every `ft-*` row)."
+    base = table["ft-none"]["test_ppl"]
+    best = min(table.values(), key=lambda row: row["test_ppl"])
+    changes = ", ".join(f"{name} {100 * (row['test_ppl'] / base - 1):+.1f} %" for name, row in table.items()
+                        if name != "ft-none")
+    verdict = ("KD while fine-tuning helps here" if best["model"] != "ft-none" and best["test_ppl"] < 0.99 * base
+               else "no KD variant beats plain fine-tuning by more than 1 % here")
+    return (f"At this scale {verdict}: test perplexity against `ft-none` ({base:.2f}): {changes}. The paper "
+            "reports that these techniques bring little over plain fine-tuning of DistilGPT-2; "
+            + ("this run agrees." if best["model"] == "ft-none" or best["test_ppl"] >= 0.99 * base
+               else f"this run differs (best: `{best['model']}`, {best['test_ppl']:.2f})."))
+
+
+def compression_finding(rows):
+    table = by_model(rows)
+    if "teacher" not in table:
+        return "The teacher row did not run; nothing to compare against."
+    teacher = table["teacher"]["test_ppl"]
+    students = {name: row for name, row in table.items() if name != "teacher"}
+    if not students:
+        return f"Only the teacher ran ({teacher:.2f})."
+    best = min(students.values(), key=lambda row: row["test_ppl"])
+    ahead = all(row["test_ppl"] > teacher for row in students.values())
+    text = (f"The teacher ({teacher:.2f}) is {'ahead of every student' if ahead else 'NOT ahead of every student'}; "
+            f"the best student is `{best['model']}` ({best['test_ppl']:.2f}).")
+    if "alt-pretrain" in table and "distil-kd" in table:
+        pre, kd = table["alt-pretrain"], table["distil-kd"]
+        gap = 100 * (pre["test_ppl"] / kd["test_ppl"] - 1)
+        text += (f" Truncation + pre-training (`alt-pretrain`, {pre['test_ppl']:.2f}) is {gap:+.1f} % against "
+                 f"distillation (`distil-kd`, {kd['test_ppl']:.2f}) in "
+                 f"{fmt(pre['stage1_seconds'], 0)} s against {fmt(kd['stage1_seconds'], 0)} s; the paper claims it "
+                 + ("matches distillation at lower cost, and this run agrees." if abs(gap) <= 2
+                    else "matches distillation at lower cost; at this short budget it does not."))
+    return text
+
+
+def cleaning_finding(rows):
+    table = by_model(rows)
+    if not {"alt-pretrain-raw", "alt-pretrain-clean"} <= set(table):
+        return "Both cleaning rows are needed to compare."
+    raw, clean = table["alt-pretrain-raw"], table["alt-pretrain-clean"]
+    change = 100 * (clean["test_ppl"] / raw["test_ppl"] - 1)
+    return (f"Pre-training on the cleaned corpus changes the fine-tuned test perplexity by {change:+.1f} % "
+            f"({raw['test_ppl']:.2f} → {clean['test_ppl']:.2f}); cleaning dropped {clean['cleaning_dropped']}. "
+            + ("The paper reports cleaning as a gain; this run agrees." if change < -1 else
+               "The paper reports cleaning as a gain; at this scale the difference is within 1 %." if change <= 1
+               else "The paper reports cleaning as a gain; this run differs (cleaned is worse)."))
+
+
+FINDINGS = {"kd_finetune": kd_finetune_finding, "compression": compression_finding, "cleaning": cleaning_finding}
+
+
 def write_markdown(path, rows, samples, prompt, title):
     header = ["model", "route", "layers kept", "parameters", "pre-train/distil tokens", "time (s)",
               "fine-tune tokens", "time (s)", "valid ppl", "test ppl", "test word ppl"]
-    lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        lines.append("| " + " | ".join([row["model"], row["route"], row["layers"], fmt(row["parameters"]),
-                                        fmt(row["stage1_tokens"]), fmt(row["stage1_seconds"], 0),
-                                        fmt(row["finetune_tokens"]), fmt(row["finetune_seconds"], 0),
-                                        fmt(row["validation_ppl"]), fmt(row["test_ppl"]),
-                                        fmt(row["test_word_ppl"])]) + " |")
-    lines += ["", f"Greedy continuations of the prompt `{prompt}`:", ""]
+    lines = [f"# {title}", ""]
+    for table, heading in TABLES.items():
+        table_rows = [row for row in rows if row["table"] == table]
+        if not table_rows:
+            continue
+        extra = ["dropped by cleaning"] if table == "cleaning" else []
+        lines += [f"## {heading}", "", "| " + " | ".join(header + extra) + " |", "|" + "---|" * len(header + extra)]
+        for row in table_rows:
+            cells = [row["model"], row["route"], row["layers"], fmt(row["parameters"]), fmt(row["stage1_tokens"]),
+                     fmt(row["stage1_seconds"], 0), fmt(row["finetune_tokens"]), fmt(row["finetune_seconds"], 0),
+                     fmt(row["validation_ppl"]), fmt(row["test_ppl"]), fmt(row["test_word_ppl"])]
+            cells += [row["cleaning_dropped"] or "—"] if extra else []
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", FINDINGS[table](table_rows), ""]
+    lines += [f"Greedy continuations of the prompt `{prompt}`:", ""]
     lines += [f"- **{row}**: {text!r}" for row, text in samples.items()]
     Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def write_csv(path, rows):
     with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -119,30 +219,38 @@ def loss_history(folder, key):
 
 
 def write_plot(path, root, rows):
+    """A column per table: test perplexity per row (bars, cost beside), then each row's validation loss while
+    fine-tuning; only evaluation points are drawn, so the axis spans the rows' differences, not the first steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for row in rows:
-        name = row["model"]
-        stage = first_stage(root, name)
-        if stage:
-            key = "loss_clm" if stage == "distil" else "loss"
-            steps, values = loss_history(Path(root) / name / stage, key)
-            left.plot(steps, values, label=f"{name} ({stage}{', LM term' if stage == 'distil' else ''})")
-        steps, values = loss_history(Path(root) / name / "finetune", "loss")
-        line, = right.plot(steps, values, label=f"{name} train")
-        steps, values = loss_history(Path(root) / name / "finetune", "eval_loss")
-        right.plot(steps, values, "o--", color=line.get_color(), label=f"{name} valid")
-    left.set(title="Pre-training / distillation: LM loss", xlabel="optimizer step", ylabel="cross-entropy (nats)")
-    right.set(title="Fine-tuning", xlabel="optimizer step", ylabel="cross-entropy (nats)")
-    for axis in (left, right):
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
+    tables = [table for table in TABLES if any(row["table"] == table for row in rows)]
+    figure, axes = plt.subplots(2, len(tables), figsize=(6 * len(tables), 8), squeeze=False)
+    for column, table in enumerate(tables):
+        table_rows = [row for row in rows if row["table"] == table and row["test_ppl"] is not None]
+        bars, curves = axes[0][column], axes[1][column]
+        names = [row["model"] for row in table_rows]
+        values = [row["test_ppl"] for row in table_rows]
+        bars.barh(names, values, color="tab:blue")
+        for index, row in enumerate(table_rows):
+            cost = sum(value or 0 for value in (row["stage1_seconds"], row["finetune_seconds"]))
+            bars.text(row["test_ppl"], index, f" {row['test_ppl']:.1f}  ({cost:.0f} s)", va="center", fontsize=8)
+        low, high = min(values), max(values)
+        bars.set_xlim(low * 0.9 if high < 2 * low else 0, high * 1.25)
+        bars.invert_yaxis()
+        bars.set(title=TABLES[table].split(" (")[0], xlabel="test perplexity (cost: wall seconds of training)")
+        for row in table_rows:
+            steps, values = loss_history(Path(root) / row["folder"] / "finetune", "eval_loss")
+            if steps:
+                curves.plot(steps, values, "o-", label=row["model"])
+        curves.set(xlabel="fine-tuning step", ylabel="validation loss (nats)")
+        curves.grid(alpha=0.3)
+        if curves.lines:
+            curves.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
@@ -153,8 +261,9 @@ def main(argv=None):
     parser.add_argument("--title", default="Compressing a decoder LM: truncation, pre-training and distillation")
     args = parser.parse_args(argv)
     root = Path(args.output_root)
-    rows = [collect_row(root, *row) for row in ROWS if (root / row[0] / "finetune" / "perplexity.json").is_file()]
-    samples = {row["model"]: greedy_continuation(root / row["model"] / "finetune", args.prompt) for row in rows}
+    rows = [collect_row(root, *row) for row in ROWS if (root / row[4] / "finetune" / "perplexity.json").is_file()]
+    samples = {row["model"]: greedy_continuation(root / row["folder"] / "finetune", args.prompt)
+               for row in rows if row["table"] == "compression" or row["model"].startswith("ft-kd")}
     write_markdown(root / "results.md", rows, samples, args.prompt, args.title)
     write_csv(root / "results.csv", rows)
     write_plot(root / "results.png", root, rows)
