@@ -15,7 +15,7 @@ from .jsonio import write_json
 from .models import is_trained_model_folder, load_causal_lm, load_config
 from .vocab import load_tokenizer
 
-STRATEGIES = ("alt", "distil", "first", "last", "custom")
+STRATEGIES = ("alt", "distil", "first", "last", "custom", "importance")
 TRUNCATION_FILE = "truncation.json"
 
 
@@ -74,6 +74,9 @@ def select_layers(strategy, n_layer, num_layers=None, layers=None):
     """The teacher layers the student keeps, in order."""
     if strategy not in STRATEGIES:
         raise UserError(f"--strategy {strategy}: unknown strategy; choose from {', '.join(STRATEGIES)}")
+    if strategy == "importance":
+        raise UserError("--strategy importance chooses the layers by measuring the teacher on calibration text, "
+                        "not by a rule")
     if strategy == "custom":
         if not layers:
             raise UserError("--strategy custom needs --layers, e.g. --layers 0,2,4,6,8,10")
@@ -83,10 +86,15 @@ def select_layers(strategy, n_layer, num_layers=None, layers=None):
         return kept
     if layers:
         raise UserError(f"--layers goes with --strategy custom, not --strategy {strategy}")
+    n_keep = student_depth(n_layer, num_layers)
+    return LAYER_MAPS[strategy](n_layer, n_keep)
+
+
+def student_depth(n_layer, num_layers=None):
     n_keep = max(1, n_layer // 2) if num_layers is None else num_layers
     if not 1 <= n_keep <= n_layer:
         raise UserError(f"--num_layers {n_keep}: must be between 1 and the teacher's {n_layer} layers")
-    return LAYER_MAPS[strategy](n_layer, n_keep)
+    return n_keep
 
 
 def find_block_list(model):
@@ -174,8 +182,10 @@ def check_output_folder(output_dir, overwrite):
     require_writable_folder(os.path.dirname(os.path.normpath(output_dir)) or ".", "--output_dir")
 
 
-def save_student(student, tokenizer, record, output_dir):
-    """Write the folder under a temporary name beside ``output_dir``, then rename it into place."""
+def save_student(student, tokenizer, record, output_dir, write_extras=None):
+    """Write the folder under a temporary name beside ``output_dir``, then rename it into place.
+
+    ``write_extras(folder)`` adds further files to the folder before it is renamed."""
     output_dir = os.path.normpath(output_dir)
     staging = f"{output_dir}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -184,6 +194,8 @@ def save_student(student, tokenizer, record, output_dir):
         student.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         write_json(os.path.join(staging, TRUNCATION_FILE), record)
+        if write_extras is not None:
+            write_extras(staging)
     if os.path.exists(output_dir):
         shutil.rmtree(output_dir)
     os.makedirs(os.path.dirname(output_dir) or ".", exist_ok=True)
@@ -200,23 +212,85 @@ class TruncationArguments:
     layers: str = dataclasses.field(default=None, metadata={"help": "with --strategy custom: e.g. 0,2,4,6,8,10"})
     tokenizer_name: str = dataclasses.field(default=None, metadata={"help": "tokenizer (default: the teacher's)"})
     overwrite_output_dir: bool = dataclasses.field(default=False, metadata={"help": "replace an existing folder"})
+    importance: str = dataclasses.field(default="block_influence", metadata={
+        "help": "with --strategy importance: block_influence, angular or perplexity"})
+    calibration_split: str = dataclasses.field(default="train", metadata={
+        "help": "with --strategy importance: the split of the data flags' text that scores the blocks"})
+    calibration_tokens: int = dataclasses.field(default=131072, metadata={
+        "help": "with --strategy importance: at most this many calibration tokens"})
+
+
+def calibration_tokens(args, data_args, config, tokenizer, tokenizer_name):
+    """The calibration split's blocks (``[n, block_size]``) from the common data flags."""
+    from .data import check_vocabulary, choose_block_size, resolve_token_folder
+    from .distributed import local_main_first
+    from .importance import calibration_blocks
+    from .tokenfiles import open_split, read_meta
+
+    if not data_args.has_data():
+        raise UserError("--strategy importance needs calibration text: give --train_file, --dataset_dir or "
+                        "--dataset_name (with --calibration_split)")
+    positions = next((getattr(config, name) for name in ("n_positions", "max_position_embeddings")
+                      if getattr(config, name, None)), None)
+    block_size = (choose_block_size(data_args.block_size, positions) if positions
+                  else data_args.block_size or 128)
+    folder = resolve_token_folder(data_args, tokenizer, tokenizer_name, local_main_first)
+    check_vocabulary(read_meta(folder), config, str(folder))
+    tokens = open_split(folder, args.calibration_split, "--calibration_split")
+    return calibration_blocks(tokens, block_size, args.calibration_tokens,
+                              f"--calibration_split {args.calibration_split} ({folder}/{args.calibration_split}.bin)")
+
+
+def measured_layers(args, data_args, config, tokenizer, tokenizer_name):
+    """``--strategy importance``: the kept layers, the scores' record and the teacher, measured on calibration
+    text (each rank scores its share of the blocks)."""
+    from .distributed import init_distributed
+    from .importance import MEASURES, measure_importance
+
+    if args.importance not in MEASURES:
+        raise UserError(f"--importance {args.importance}: choose from {', '.join(MEASURES)}")
+    if args.layers:
+        raise UserError("--layers goes with --strategy custom, not --strategy importance")
+    n_keep = student_depth(config.num_hidden_layers, args.num_layers)
+    _, _, device = init_distributed()
+    blocks = calibration_tokens(args, data_args, config, tokenizer, tokenizer_name)
+    teacher = load_causal_lm(config, args.teacher_name_or_path, "--teacher_name_or_path").to(device).eval()
+    layers, record = measure_importance(teacher, blocks, args.importance, n_keep)
+    return layers, record, teacher.cpu()
 
 
 @entry_point
 def main(argv=None):
-    (args,) = parse_dataclass_args(TruncationArguments, "truncate.py", argv)
+    from .data import DataArguments
+    import torch
+
+    from .importance import IMPORTANCE_FILE, distributed_world, plot_importance
+
+    args, data_args = parse_dataclass_args((TruncationArguments, DataArguments), "truncate.py", argv)
     if not args.teacher_name_or_path or not args.output_dir:
         raise UserError("--teacher_name_or_path and --output_dir are required")
     check_output_folder(args.output_dir, args.overwrite_output_dir)
     config = load_config(None, args.teacher_name_or_path, model_flag="--teacher_name_or_path")
     check_truncatable(config)
-    layers = select_layers(args.strategy, config.num_hidden_layers, args.num_layers, args.layers)
     tokenizer_name = args.tokenizer_name or args.teacher_name_or_path
     tokenizer = load_tokenizer(tokenizer_name, "--tokenizer_name" if args.tokenizer_name else "--teacher_name_or_path")
-    teacher = load_causal_lm(config, args.teacher_name_or_path, "--teacher_name_or_path")
-    student = truncate_model(teacher, layers)
-    record = {"teacher": args.teacher_name_or_path, "teacher_n_layer": config.num_hidden_layers, "strategy": args.strategy,
-              "layers": layers}
-    save_student(student, tokenizer, record, args.output_dir)
-    print(f"{args.output_dir}: {len(layers)} of {config.num_hidden_layers} layers ({args.strategy}): "
-          f"{','.join(map(str, layers))}")
+    record = {"teacher": args.teacher_name_or_path, "teacher_n_layer": config.num_hidden_layers,
+              "strategy": args.strategy}
+    write_chart = None
+    if args.strategy == "importance":
+        layers, record["importance"], teacher = measured_layers(args, data_args, config, tokenizer, tokenizer_name)
+
+        def write_chart(folder):
+            plot_importance(record["importance"], layers, os.path.join(folder, IMPORTANCE_FILE))
+    else:
+        layers = select_layers(args.strategy, config.num_hidden_layers, args.num_layers, args.layers)
+        teacher = load_causal_lm(config, args.teacher_name_or_path, "--teacher_name_or_path")
+    record["layers"] = layers
+    rank, world_size = distributed_world()
+    if rank == 0:
+        save_student(truncate_model(teacher, layers), tokenizer, record, args.output_dir, write_chart)
+        print(f"{args.output_dir}: {len(layers)} of {config.num_hidden_layers} layers ({args.strategy}): "
+              f"{','.join(map(str, layers))}")
+    if world_size > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
