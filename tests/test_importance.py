@@ -1,7 +1,9 @@
 """truncate.py --strategy importance: a block made an identity is ranked least important by every measure and
 dropped; the scores reach truncation.json and importance.png; short or missing calibration text is one line."""
 import json
+import socket
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -137,3 +139,23 @@ def test_bad_calibration_is_one_line(identity_teacher, corpus_files, tmp_path, c
                         "--strategy", "importance", *extra], capsys)
     assert_one_line_error(result, message)
     assert not (tmp_path / "student").exists()
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_ranks_split_the_calibration_and_agree_with_one(identity_teacher, corpus_files, tmp_path):
+    args = ["--teacher_name_or_path", identity_teacher, "--strategy", "importance", "--importance", "perplexity",
+            "--num_layers", "2", "--train_file", corpus_files["train"], "--block_size", "64",
+            "--calibration_tokens", "1024"]
+    run(["truncate.py", *args, "--output_dir", tmp_path / "one"])
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", free_port(),
+         "truncate.py", *args, "--output_dir", tmp_path / "two"])
+    one, two = (json.loads((tmp_path / folder / "truncation.json").read_text()) for folder in ("one", "two"))
+    assert two["importance"]["calibration_tokens"] == 1024
+    assert two["importance"]["scores"] == pytest.approx(one["importance"]["scores"], rel=1e-9)
+    assert two["importance"]["perplexity"] == pytest.approx(one["importance"]["perplexity"], rel=1e-9)
+    assert two["layers"] == one["layers"]
