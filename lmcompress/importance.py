@@ -168,8 +168,9 @@ def measure_importance(model, blocks_of_tokens, measure, n_keep, batch_size=1):
         layers = kept_blocks(scores, n_keep)
     elif measure == "angular":
         n_removed = depth - n_keep
-        if n_removed == 0:
-            scores, layers = [1.0] * depth, list(range(depth))
+        if n_removed == 0:  # no run to remove: every block is kept, at distance 0
+            scores, layers = [0.0] * depth, list(range(depth))
+            record["removed_run"] = []
         else:
             distances = run_distances(mean_cosine, n_removed)
             start = min(range(len(distances)), key=lambda s: (distances[s], s))
