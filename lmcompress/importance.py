@@ -155,10 +155,14 @@ def kept_blocks(scores, n_keep):
     return sorted(order[:n_keep])
 
 
-def measure_importance(model, blocks_of_tokens, measure, n_keep, batch_size=1):
-    """``(layers kept, record for truncation.json)``."""
+def check_measure(measure):
     if measure not in MEASURES:
         raise UserError(f"--importance {measure}: choose from {', '.join(MEASURES)}")
+
+
+def measure_importance(model, blocks_of_tokens, measure, n_keep, batch_size=1):
+    """``(layers kept, record for truncation.json)``."""
+    check_measure(measure)
     sums = calibration_sums(model, blocks_of_tokens, measure, batch_size)
     mean_cosine = sums["cosine"] / sums["n_tokens"]
     depth = len(mean_cosine) - 1

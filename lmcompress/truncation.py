@@ -245,10 +245,9 @@ def measured_layers(args, data_args, config, tokenizer, tokenizer_name):
     """``--strategy importance``: the kept layers, the scores' record and the teacher, measured on calibration
     text (each rank scores its share of the blocks)."""
     from .distributed import init_distributed
-    from .importance import MEASURES, measure_importance
+    from .importance import check_measure, measure_importance
 
-    if args.importance not in MEASURES:
-        raise UserError(f"--importance {args.importance}: choose from {', '.join(MEASURES)}")
+    check_measure(args.importance)
     if args.layers:
         raise UserError("--layers goes with --strategy custom, not --strategy importance")
     n_keep = student_depth(config.num_hidden_layers, args.num_layers)
