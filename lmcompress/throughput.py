@@ -38,6 +38,7 @@ def device_peak_tflops(given=None):
 
 
 def count_parameters(model):
+    """Parameters of the model, also when ZeRO-3 has partitioned them (``ds_numel`` is the full size)."""
     return sum(getattr(parameter, "ds_numel", parameter.numel()) for parameter in model.parameters())
 
 
