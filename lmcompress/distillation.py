@@ -314,7 +314,7 @@ def build_trainer(argv=None):
     student = load_student(args, student_config)
     if args.freeze_pos_embs:
         freeze_position_embeddings(student)
-    data = prepare_data(data_args, training_args, tokenizer, tokenizer_name, student_config)
+    data = prepare_data(data_args, tokenizer, tokenizer_name, student_config)
     if training_args.eval_strategy != "no" and data.eval_tokens is None:
         raise UserError(f"--eval_strategy {training_args.eval_strategy}: the data has no validation split")
     teacher = load_causal_lm(teacher_config, args.teacher_name_or_path, "--teacher_name_or_path")
