@@ -23,7 +23,7 @@ from .distributed import COLLECTIVE_TIMEOUT_S, local_main_first, start_cpu_proce
 from .errors import UserError, entry_point, removed_on_failure, require_writable_folder
 from .jsonio import write_json
 from .losses import IGNORE_INDEX, linear_cross_entropy
-from .models import is_trained_model_folder, load_causal_lm, load_config, n_positions
+from .models import is_trained_model_folder, load_causal_lm, load_config, n_positions, plain_output_head
 from .perplexity import perplexity_from, reduce_sums, stream_nll
 from .tokenfiles import open_split, read_meta
 from .throughput import add_throughput_callback, count_parameters
@@ -117,7 +117,7 @@ class LMTrainer(Trainer):
         super()._run_epoch(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The mean next-token loss; for GPT-2 from the last hidden states through ``linear_cross_entropy``,
+        """The mean next-token loss; for a plain output layer from the last hidden states through ``linear_cross_entropy``,
         which never materialises the logits of the batch (nor their gradient)."""
         targets = inputs["shift_labels"]
         forward_inputs = {key: inputs[key] for key in ("input_ids", "attention_mask") if key in inputs}
@@ -208,10 +208,10 @@ class LMTrainer(Trainer):
 
 
 def fusable_output_head(model):
-    """The output layer of a GPT-2 whose loss ``linear_cross_entropy`` can compute from the last hidden states
-    (a plain linear map, whole on this rank: not under ZeRO-3), else None."""
-    head = model.get_output_embeddings() if getattr(model.config, "model_type", None) == "gpt2" else None
-    if not isinstance(head, torch.nn.Linear) or head.bias is not None or is_deepspeed_zero3_enabled():
+    """The output layer whose loss ``linear_cross_entropy`` can compute from the last hidden states (a plain linear
+    map without bias, whole on this rank: not under ZeRO-3), else None."""
+    head = plain_output_head(model)
+    if head is None or head.bias is not None or is_deepspeed_zero3_enabled():
         return None
     return head
 
