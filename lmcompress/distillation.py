@@ -21,7 +21,7 @@ from .data import DataArguments
 from .errors import UserError, entry_point
 from .jsonio import write_json
 from .losses import DIVERGENCES, IGNORE_INDEX, cosine_loss, kd_loss, lm_loss, mse_loss
-from .models import load_causal_lm, load_config
+from .models import load_causal_lm, load_config, position_embeddings
 from .training import (LMTrainer, ProjectTrainingArguments, autocast_dtype, prepare_data,
                        prepare_run, train_and_evaluate)
 from .throughput import add_throughput_callback
@@ -29,8 +29,6 @@ from .truncation import TRUNCATION_FILE
 from .vocab import load_tokenizer, tokenizer_fingerprint
 
 DISTILLATION_FILE = "distillation.json"
-GPT2_FAMILY = ("gpt2",)
-
 # The original distiller's flags that map one to one onto this one's, and those that have no meaning here.
 LEGACY_RENAMES = {"--n_epoch": "--num_train_epochs", "--batch_size": "--per_device_train_batch_size",
                   "--dump_path": "--output_dir", "--warmup_prop": "--warmup_ratio",
@@ -236,12 +234,6 @@ def load_student_weights(model, state, flag="--student_pretrained_weights"):
     return model
 
 
-def check_student_config(config, flag):
-    if config.model_type not in GPT2_FAMILY:
-        raise UserError(f"{flag}: a {config.model_type} config; the student must be a GPT-2-family model "
-                        f"(model_type {', '.join(GPT2_FAMILY)})")
-
-
 def check_compatible(args, teacher_config, student_config, teacher_tokenizer, student_tokenizer):
     """The student learns the teacher's distribution token by token: same vocabulary, same token ids."""
     if teacher_config.vocab_size != student_config.vocab_size:
@@ -250,9 +242,9 @@ def check_compatible(args, teacher_config, student_config, teacher_tokenizer, st
     if tokenizer_fingerprint(teacher_tokenizer) != tokenizer_fingerprint(student_tokenizer):
         raise UserError(f"the teacher's tokenizer ({args.teacher_name_or_path}) differs from the student's "
                         f"({student_tokenizer.name_or_path}): distillation needs the same tokenizer")
-    if args.alpha_cos and teacher_config.n_embd != student_config.n_embd:
-        raise UserError(f"--alpha_cos {args.alpha_cos}: the teacher's hidden size {teacher_config.n_embd} differs "
-                        f"from the student's {student_config.n_embd}; the cosine term needs equal sizes: set "
+    if args.alpha_cos and teacher_config.hidden_size != student_config.hidden_size:
+        raise UserError(f"--alpha_cos {args.alpha_cos}: the teacher's hidden size {teacher_config.hidden_size} differs "
+                        f"from the student's {student_config.hidden_size}; the cosine term needs equal sizes: set "
                         "--alpha_cos 0")
 
 
@@ -266,7 +258,12 @@ def load_student(args, config):
 
 
 def freeze_position_embeddings(model):
-    model.transformer.wpe.weight.requires_grad_(False)
+    embeddings = position_embeddings(model)
+    if embeddings is None:
+        print(f"distiller.py: note: --freeze_pos_embs: {type(model).__name__} has no learned position embeddings; "
+              "nothing to freeze", file=sys.stderr)
+        return
+    embeddings.weight.requires_grad_(False)
 
 
 def distillation_record(args):
@@ -296,10 +293,8 @@ def build_trainer(argv=None):
         (DistillationArguments, DataArguments, ProjectTrainingArguments), "distiller.py", argv)
     resume = prepare_run(training_args)
     teacher_config = load_config(None, args.teacher_name_or_path, model_flag="--teacher_name_or_path")
-    student_flag = "--student_config" if args.student_config else "--student_name_or_path"
     student_config = load_config(args.student_config, args.student_name_or_path, "--student_config",
                                  "--student_name_or_path")
-    check_student_config(student_config, student_flag)
     tokenizer_name = args.tokenizer_name or args.student_name_or_path or args.teacher_name_or_path
     tokenizer_flag = ("--tokenizer_name" if args.tokenizer_name else
                       "--student_name_or_path" if args.student_name_or_path else "--teacher_name_or_path")
@@ -307,14 +302,14 @@ def build_trainer(argv=None):
     teacher_tokenizer = (tokenizer if tokenizer_name == args.teacher_name_or_path else
                          load_tokenizer(args.teacher_name_or_path, "--teacher_name_or_path"))
     check_compatible(args, teacher_config, student_config, teacher_tokenizer, tokenizer)
-    if args.alpha_hidden and teacher_config.n_embd != student_config.n_embd:
-        raise UserError(f"--alpha_hidden {args.alpha_hidden}: the teacher's hidden size {teacher_config.n_embd} "
-                        f"differs from the student's {student_config.n_embd} and there is no projection: set "
+    if args.alpha_hidden and teacher_config.hidden_size != student_config.hidden_size:
+        raise UserError(f"--alpha_hidden {args.alpha_hidden}: the teacher's hidden size {teacher_config.hidden_size} "
+                        f"differs from the student's {student_config.hidden_size} and there is no projection: set "
                         "--alpha_hidden 0")
     student = load_student(args, student_config)
     if args.freeze_pos_embs:
         freeze_position_embeddings(student)
-    data = prepare_data(data_args, training_args, tokenizer, tokenizer_name, student_config)
+    data = prepare_data(data_args, tokenizer, tokenizer_name, student_config)
     if training_args.eval_strategy != "no" and data.eval_tokens is None:
         raise UserError(f"--eval_strategy {training_args.eval_strategy}: the data has no validation split")
     teacher = load_causal_lm(teacher_config, args.teacher_name_or_path, "--teacher_name_or_path")

@@ -30,8 +30,7 @@ class EvaluationArguments:
     fp16: bool = dataclasses.field(default=False, metadata={"help": "float16 autocast (CUDA)"})
     bf16: bool = dataclasses.field(default=False, metadata={"help": "bfloat16 autocast"})
     deepspeed: str = dataclasses.field(default=None, metadata={"help": "DeepSpeed config JSON (ZeRO inference)"})
-    output_file: str = dataclasses.field(default=None, metadata={"help": "JSON result (default: MODEL/perplexity.json)"})
-    local_rank: int = dataclasses.field(default=-1, metadata={"help": "legacy torch.distributed.launch flag"})
+    output_file: str = dataclasses.field(default=None, metadata={"help": "JSON result (default: perplexity.json in the model folder, in the current directory for a hub name)"})
     peak_tflops: float = dataclasses.field(default=None, metadata={"help": "peak TFLOPs per device for the reported "
                                                                            "MFU (default: known GPUs by name)"})
     ddp_timeout: int = dataclasses.field(default=COLLECTIVE_TIMEOUT_S, metadata={

@@ -14,13 +14,13 @@ from transformers import TrainerCallback
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .atomic import STAGING_PREFIX, replace_folder
 from .errors import UserError
 
 # Written by the Trainer after the weights, optimizer and RNG states: a checkpoint without it was cut short
 # (by a version of this project that wrote checkpoints in place).
 TRAINER_STATE_NAME = "trainer_state.json"
 CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
-STAGING_PREFIX = ".staging-"
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: stopped early on purpose, re-run to continue
 
 
@@ -50,24 +50,9 @@ def staging_root(run_dir, step):
     return os.path.join(run_dir, f"{STAGING_PREFIX}{PREFIX_CHECKPOINT_DIR}-{step}")
 
 
-def fsync_tree(folder):
-    for root, _, files in os.walk(folder):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as handle:
-                os.fsync(handle.fileno())
-
-
 def commit_checkpoint(staged, final):
     """Move a fully written checkpoint folder to its final name, replacing an older one of the same step."""
-    fsync_tree(staged)
-    replaced = None
-    if os.path.exists(final):
-        replaced = os.path.join(os.path.dirname(final), f"{STAGING_PREFIX}replaced-{os.path.basename(final)}")
-        shutil.rmtree(replaced, ignore_errors=True)
-        os.rename(final, replaced)
-    os.rename(staged, final)
-    if replaced:
-        shutil.rmtree(replaced, ignore_errors=True)
+    replace_folder(staged, final)
 
 
 def remove_checkpoint(path):

@@ -173,12 +173,10 @@ def relation_losses(student_qkv, teacher_qkv, real, query_mask, n_tokens, n_rela
 # ---- model plumbing ----
 
 def transformer_blocks(model):
-    """The model's list of transformer blocks (GPT-2: transformer.h, Llama-style: model.layers)."""
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model
-    for name in ("h", "layers"):
-        if hasattr(base, name):
-            return getattr(base, name)
-    raise UserError(f"{type(model).__name__}: its transformer blocks cannot be found for intermediate distillation")
+    """The model's list of decoder blocks, found as truncation finds it."""
+    from .truncation import find_block_list
+
+    return model.get_submodule(find_block_list(model))
 
 
 def attention_module(block):

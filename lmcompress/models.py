@@ -2,6 +2,8 @@
 import json
 import os
 
+import torch
+
 from .errors import UserError
 from .vocab import first_line, require_folder_if_local
 
@@ -59,3 +61,28 @@ def is_trained_model_folder(path):
     names = set(os.listdir(path)) if os.path.isdir(path) else set()
     weights = {"model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"}
     return ("config.json" in names and bool(weights & names)) or any(name.startswith("checkpoint-") for name in names)
+
+
+# Config fields of decoders whose logits are not a plain linear map of the last hidden state.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def plain_output_head(model):
+    """The output layer when the model's logits are exactly ``head(last hidden state)``, else None: losses may
+    then run the head themselves, chunk by chunk; models that soft-cap or scale their logits go through their
+    own forward."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or any(getattr(model.config, name, None) for name in LOGIT_TRANSFORMS):
+        return None
+    return head
+
+
+def position_embeddings(model):
+    """The learned absolute position embeddings (GPT-2's ``wpe``, OPT's ``embed_positions``), or None for models
+    with rotary or no position embeddings."""
+    for module in (model.base_model, getattr(model.base_model, "decoder", None)):
+        for name in ("wpe", "embed_positions"):
+            found = getattr(module, name, None)
+            if isinstance(found, torch.nn.Embedding):
+                return found
+    return None

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
+from .models import plain_output_head
 
 IGNORE_INDEX = -100
 LOGIT_CHUNK = 4096
@@ -103,7 +104,7 @@ def logit_workspace(model, device, n_positions):
 def summed_nll(model, input_ids, attention_mask, labels, whole_model=False, positions=None, workspace=None):
     """``whole_model``: one plain forward with full logits (ZeRO-3: a fixed number of parameter gathers)."""
     base = model.base_model
-    head = model.get_output_embeddings()
+    head = plain_output_head(model)
     if whole_model or base is model or head is None:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         return summed_nll_from_hidden(logits, torch.nn.Identity(), labels, positions=positions)

@@ -38,6 +38,7 @@ def device_peak_tflops(given=None):
 
 
 def count_parameters(model):
+    """Parameters of the model, also when ZeRO-3 has partitioned them (``ds_numel`` is the full size)."""
     return sum(getattr(parameter, "ds_numel", parameter.numel()) for parameter in model.parameters())
 
 
@@ -59,12 +60,13 @@ def mfu(tokens_per_second, flops_token, peak_tflops, n_devices=1):
 
 class ThroughputCallback(TrainerCallback):
     """Adds ``tokens_per_second`` (all ranks) and, when the peak is known, ``mfu`` to the Trainer's logs, so they
-    reach TensorBoard and stdout with the loss. ``extra_flops_per_token``: e.g. a distillation teacher's forward.
+    reach TensorBoard and stdout with the loss. ``extra_flops``: returns the FLOPs per token spent outside the
+    trained model (e.g. a distillation teacher's forward), called once the model is placed.
     Measured between logging steps, on the host clock: no device synchronisation is added to the loop."""
 
-    def __init__(self, block_size, peak_tflops=None, extra_flops_per_token=0.0, extra_flops=None):
-        self.block_size, self.peak_tflops = block_size, peak_tflops
-        self.extra_flops_per_token, self.extra_flops = extra_flops_per_token, extra_flops
+    def __init__(self, block_size, peak_tflops=None, extra_flops=None):
+        self.block_size, self.peak_tflops, self.extra_flops = block_size, peak_tflops, extra_flops
+        self.extra_flops_per_token = 0.0
         self.flops_token, self._start, self._step = None, None, 0
 
     def tokens_per_step(self, args):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import replace_folder
 from .errors import UserError, require_writable_folder
 
 FORMAT_VERSION = 1
@@ -99,13 +100,7 @@ class StagedFolder:
         self.path = Path(tempfile.mkdtemp(prefix=f".{self.destination.name}.tmp-", dir=self.destination.parent))
 
     def commit(self):
-        old = None
-        if self.destination.exists():
-            old = self.destination.with_name(f".{self.destination.name}.old-{os.getpid()}")
-            self.destination.rename(old)
-        self.path.rename(self.destination)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_folder(str(self.path), str(self.destination))
 
     def discard(self):
         shutil.rmtree(self.path, ignore_errors=True)

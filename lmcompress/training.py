@@ -23,10 +23,10 @@ from .distributed import COLLECTIVE_TIMEOUT_S, local_main_first, start_cpu_proce
 from .errors import UserError, entry_point, removed_on_failure, require_writable_folder
 from .jsonio import write_json
 from .losses import IGNORE_INDEX, linear_cross_entropy
-from .models import is_trained_model_folder, load_causal_lm, load_config, n_positions
+from .models import is_trained_model_folder, load_causal_lm, load_config, n_positions, plain_output_head
 from .perplexity import perplexity_from, reduce_sums, stream_nll
 from .tokenfiles import open_split, read_meta
-from .throughput import add_throughput_callback
+from .throughput import add_throughput_callback, count_parameters
 from .vocab import load_tokenizer
 
 
@@ -117,7 +117,7 @@ class LMTrainer(Trainer):
         super()._run_epoch(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The mean next-token loss; for GPT-2 from the last hidden states through ``linear_cross_entropy``,
+        """The mean next-token loss; for a plain output layer from the last hidden states through ``linear_cross_entropy``,
         which never materialises the logits of the batch (nor their gradient)."""
         targets = inputs["shift_labels"]
         forward_inputs = {key: inputs[key] for key in ("input_ids", "attention_mask") if key in inputs}
@@ -208,10 +208,10 @@ class LMTrainer(Trainer):
 
 
 def fusable_output_head(model):
-    """The output layer of a GPT-2 whose loss ``linear_cross_entropy`` can compute from the last hidden states
-    (a plain linear map, whole on this rank: not under ZeRO-3), else None."""
-    head = model.get_output_embeddings() if getattr(model.config, "model_type", None) == "gpt2" else None
-    if not isinstance(head, torch.nn.Linear) or head.bias is not None or is_deepspeed_zero3_enabled():
+    """The output layer whose loss ``linear_cross_entropy`` can compute from the last hidden states (a plain linear
+    map without bias, whole on this rank: not under ZeRO-3), else None."""
+    head = plain_output_head(model)
+    if head is None or head.bias is not None or is_deepspeed_zero3_enabled():
         return None
     return head
 
@@ -248,13 +248,12 @@ def check_precision(args):
 @dataclasses.dataclass
 class PreparedData:
     folder: str
-    meta: dict
     block_size: int
     train_dataset: BlockDataset
     eval_tokens: object
 
 
-def prepare_data(data_args, training_args, tokenizer, tokenizer_name, config, what="the data"):
+def prepare_data(data_args, tokenizer, tokenizer_name, config, what="the data"):
     block_size = choose_block_size(data_args.block_size, n_positions(config))
     folder = resolve_token_folder(data_args, tokenizer, tokenizer_name, local_main_first)
     meta = read_meta(folder)
@@ -265,7 +264,7 @@ def prepare_data(data_args, training_args, tokenizer, tokenizer_name, config, wh
     eval_tokens = open_split(folder, "validation") if "validation" in meta["splits"] else None
     if eval_tokens is not None and len(eval_tokens) < 2:
         eval_tokens = None
-    return PreparedData(str(folder), meta, block_size, train_dataset, eval_tokens)
+    return PreparedData(str(folder), block_size, train_dataset, eval_tokens)
 
 
 def save_failure_message(folder, what):
@@ -291,11 +290,6 @@ def save_final_model(trainer, output_dir):
             os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
         shutil.rmtree(staging, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
-
-
-def count_parameters(model):
-    """Parameters of the model, also when ZeRO-3 has partitioned them (``ds_numel`` is the full size)."""
-    return sum(getattr(parameter, "ds_numel", parameter.numel()) for parameter in model.parameters())
 
 
 def train_and_evaluate(trainer, resume):
@@ -340,7 +334,7 @@ def build_trainer(argv=None):
         raise UserError("--tokenizer_name is required with --config_name (no model folder to take it from)")
     tokenizer = load_tokenizer(tokenizer_name, "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path")
     config = load_config(model_args.config_name, model_args.model_name_or_path)
-    data = prepare_data(data_args, training_args, tokenizer, tokenizer_name, config)
+    data = prepare_data(data_args, tokenizer, tokenizer_name, config)
     if training_args.eval_strategy != "no" and data.eval_tokens is None:
         raise UserError(f"--eval_strategy {training_args.eval_strategy}: the data has no validation split")
     model = load_causal_lm(config, None if model_args.config_name else model_args.model_name_or_path)

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 
+from .atomic import replace_folder
 from .cli import parse_dataclass_args
 from .errors import UserError, entry_point, removed_on_failure, require_writable_folder
 from .jsonio import write_json
@@ -196,10 +197,7 @@ def save_student(student, tokenizer, record, output_dir, write_extras=None):
         write_json(os.path.join(staging, TRUNCATION_FILE), record)
         if write_extras is not None:
             write_extras(staging)
-    if os.path.exists(output_dir):
-        shutil.rmtree(output_dir)
-    os.makedirs(os.path.dirname(output_dir) or ".", exist_ok=True)
-    os.replace(staging, output_dir)
+    replace_folder(staging, output_dir)
 
 
 @dataclasses.dataclass

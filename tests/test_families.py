@@ -134,3 +134,52 @@ def test_num_layers_beyond_the_depth_is_one_line(llama_teacher, tmp_path):
     result = run(["truncate.py", "--teacher_name_or_path", llama_teacher, "--strategy", "first",
                   "--num_layers", "7", "--output_dir", tmp_path / "student"], check=False)
     assert_one_line_error(result, "--num_layers 7", "6 layers")
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_training_and_evaluation_losses_equal_the_models_own_loss(name):
+    """The fused loss takes the output layer only where the logits are exactly head(last hidden state); Gemma2's
+    soft-capped logits go through the model's own forward. Untied heads (Llama, Qwen2, GPT-NeoX) are fused too."""
+    from lmcompress.losses import linear_cross_entropy, next_token_targets
+    from lmcompress.perplexity import summed_nll
+    from lmcompress.training import fusable_output_head
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS[name]()).double().eval()
+    input_ids = torch.randint(0, 64, (2, 16))
+    expected = model(input_ids, labels=input_ids).loss
+    head = fusable_output_head(model)
+    assert (head is None) == bool(getattr(model.config, "final_logit_softcapping", None))
+    if head is not None:
+        hidden = model(input_ids, output_hidden_states=True).hidden_states[-1]
+        targets = next_token_targets(input_ids)
+        fused = linear_cross_entropy(hidden.flatten(0, 1), head.weight, targets.flatten()) / (targets >= 0).sum()
+        torch.testing.assert_close(fused.item(), expected.item(), rtol=1e-6, atol=1e-6)
+    nll_sum, n_scored = summed_nll(model, input_ids, torch.ones_like(input_ids), input_ids)
+    # the model's own loss upcasts its logits to float32, even in a float64 model
+    torch.testing.assert_close((nll_sum / n_scored).item(), expected.item(), rtol=1e-6, atol=1e-6)
+
+
+def test_a_truncated_llama_trains_distils_and_evaluates(llama_teacher, tokenizer_dir, corpus_files, tmp_path):
+    """train.py, distiller.py and evaluate.py on a Llama teacher and its truncated student: finite, falling loss."""
+    import json
+    import math
+
+    from conftest import run
+
+    student = tmp_path / "student"
+    run(["truncate.py", "--teacher_name_or_path", llama_teacher, "--strategy", "alt", "--output_dir", student])
+    data = ["--train_file", corpus_files["train"], "--validation_file", corpus_files["validation"],
+            "--block_size", "64"]
+    common = [*data, "--per_device_train_batch_size", "4", "--learning_rate", "3e-3", "--max_steps", "12",
+              "--logging_steps", "1", "--report_to", "none", "--eval_strategy", "no"]
+    run(["train.py", "--model_name_or_path", student, "--output_dir", tmp_path / "pretrain", *common])
+    run(["distiller.py", "--teacher_name_or_path", llama_teacher, "--student_name_or_path", student,
+         "--output_dir", tmp_path / "distil", *common])
+    for folder in ("pretrain", "distil"):
+        history = json.loads((tmp_path / folder / "trainer_state.json").read_text())["log_history"]
+        losses = [entry["loss"] for entry in history if "loss" in entry]
+        assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0], (folder, losses)
+    run(["evaluate.py", "--model_name_or_path", tmp_path / "distil", *data, "--split", "validation",
+         "--output_file", tmp_path / "ppl.json"])
+    assert math.isfinite(json.loads((tmp_path / "ppl.json").read_text())["perplexity"])

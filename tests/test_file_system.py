@@ -137,3 +137,19 @@ def test_a_200_mb_single_line_file_is_tokenized_in_bounded_memory(tmp_path, toke
           f"({time.time() - started:.0f} s)")
     assert large_peak < small_peak + 100, "memory grows with the length of the line"
     assert (tmp_path / "large" / "train.bin").stat().st_size > 0 and (tmp_path / "large" / "validation.bin").exists()
+
+
+def test_replace_folder_keeps_the_old_folder_until_the_new_one_is_in_place(tmp_path):
+    from lmcompress.atomic import replace_folder
+
+    final, staged = tmp_path / "model", tmp_path / "staged"
+    final.mkdir()
+    (final / "weights").write_text("old")
+    with pytest.raises(OSError):
+        replace_folder(str(tmp_path / "missing"), str(final))
+    assert (final / "weights").read_text() == "old"
+    staged.mkdir()
+    (staged / "weights").write_text("new")
+    replace_folder(str(staged), str(final))
+    assert (final / "weights").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

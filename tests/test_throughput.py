@@ -1,11 +1,11 @@
-"""Throughput and MFU logging: the FLOPs formula, the MFU arithmetic, the peak table, the callback's log."""
+"""Throughput and MFU logging: the FLOPs formula, the MFU arithmetic, the callback's log."""
 import types
 
 import pytest
+import torch
 from transformers import GPT2Config
 
-from lmcompress.throughput import (ThroughputCallback, evaluation_throughput, flops_per_token, mfu,
-                                   peak_tflops_for)
+from lmcompress.throughput import ThroughputCallback, evaluation_throughput, flops_per_token, mfu
 
 
 def test_flops_per_token_gpt2_small():
@@ -19,16 +19,6 @@ def test_mfu_arithmetic():
     assert mfu(1000.0, 1e9, 2.0) == pytest.approx(0.5)  # 1e12 FLOPs/s of 2e12
     assert mfu(1000.0, 1e9, 1.0, n_devices=4) == pytest.approx(0.25)
     assert mfu(1000.0, 1e9, None) is None
-
-
-def test_peak_table_lookup():
-    assert peak_tflops_for("NVIDIA H100 80GB HBM3") == 989.0
-    assert peak_tflops_for("NVIDIA H100 PCIe") == 756.0
-    assert peak_tflops_for("NVIDIA A100-SXM4-80GB") == 312.0
-    assert peak_tflops_for("Tesla V100-SXM2-32GB") == 125.0
-    assert peak_tflops_for("NVIDIA L4") == 121.0
-    assert peak_tflops_for("NVIDIA L40S") == 362.0
-    assert peak_tflops_for("Some CPU") is None
 
 
 def _args(**kwargs):
@@ -53,10 +43,10 @@ def test_callback_logs_tokens_per_second_and_mfu_with_a_peak():
     assert eval_logs == {"eval_loss": 1.0}
 
 
-def test_no_mfu_on_cpu_without_a_peak():
+def test_no_mfu_without_a_known_peak(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     model = types.SimpleNamespace(config=GPT2Config(n_layer=2, n_head=2, n_embd=128),
                                   parameters=lambda: [types.SimpleNamespace(numel=lambda: 1000)])
     result = evaluation_throughput(model, 64, n_tokens=1000, seconds=2.0)
-    if "mfu" not in result:  # no known GPU here
-        assert result == {"tokens_per_second": 500.0}
+    assert result == {"tokens_per_second": 500.0}
     assert evaluation_throughput(model, 64, 1000, 2.0, peak_tflops=1.0)["mfu"] > 0

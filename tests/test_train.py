@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, assert_one_line_error, run, train_command, write_config
+from conftest import assert_one_line_error, run, train_command
 
 
 def weights(folder):
@@ -188,13 +188,3 @@ def test_training_loss_and_gradients_equal_the_plain_logits_loss(tmp_path, token
     for got, expected in zip(torch.autograd.grad(fused, parameters), torch.autograd.grad(plain, parameters)):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
 
-
-def test_distilgpt2_config_is_the_papers_student():
-    config = json.loads((REPO / "configs" / "distilgpt2.json").read_text())
-    assert (config["n_layer"], config["n_embd"], config["n_head"], config["n_positions"], config["vocab_size"]) == (
-        6, 768, 12, 1024, 50257)
-
-
-def test_write_config_helper_round_trips(tmp_path):
-    path = write_config(tmp_path / "c.json", n_layer=4)
-    assert json.loads(path.read_text())["n_layer"] == 4
