@@ -127,7 +127,8 @@ def calibration_sums(model, blocks_of_tokens, measure, batch_size=1):
             for index, block in enumerate(blocks):
                 with skipped(block):
                     nll_without[index] += summed_nll(model(input_ids=input_ids, use_cache=False).logits, input_ids)
-    all_reduce_sum(cosine), all_reduce_sum(nll_without), all_reduce_sum(counts)
+    for sums in (cosine, nll_without, counts):
+        all_reduce_sum(sums)
     return {"cosine": cosine.cpu(), "n_tokens": int(counts[0]), "n_predicted": int(counts[1]),
             "nll": float(counts[2]), "nll_without": nll_without.cpu()}
 
