@@ -122,12 +122,15 @@ def test_findings_are_computed_from_the_numbers():
 
     kd = [row("kd_finetune", "ft-none", 100.0), row("kd_finetune", "ft-kd", 90.0)]
     assert "helps here" in report.kd_finetune_finding(kd) and "ft-kd -10.0 %" in report.kd_finetune_finding(kd)
+    assert "this run agrees" in report.kd_finetune_finding(kd)
     kd[1]["test_ppl"] = 100.5
-    assert "no KD variant beats" in report.kd_finetune_finding(kd)
+    assert "no KD variant beats" in report.kd_finetune_finding(kd) and "differs" in report.kd_finetune_finding(kd)
     compression = [row("compression", "teacher", 50.0), row("compression", "distil-kd", 60.0, 30.0),
                    row("compression", "alt-pretrain", 66.0, 20.0)]
     text = report.compression_finding(compression)
-    assert "ahead of every student" in text and "+10.0 %" in text and "does not" in text
+    assert "ahead of every student" in text and "+10.0 %" in text and "this run differs" in text
+    compression[2]["test_ppl"] = 57.0
+    assert "this run agrees" in report.compression_finding(compression)
     compression[0]["test_ppl"] = 61.0
     assert "NOT ahead" in report.compression_finding(compression)
     cleaning = [row("cleaning", "alt-pretrain-raw", 80.0, dropped="not cleaned"),
