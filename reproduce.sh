@@ -165,7 +165,7 @@ want alt-pretrain-raw && finetune alt-pretrain-raw MODEL="$ROOT/alt-pretrain-raw
 
 # the distil student after its distillation stage, fine-tuned with KD from the fine-tuned teacher
 # student block -> the teacher block it was copied from (the distilled folder has no truncation.json of its own)
-LAYER_MAP=$("$PYTHON" -c "from lmcompress.truncation import distil_layers
+DISTIL_LAYER_MAP=$("$PYTHON" -c "from lmcompress.truncation import distil_layers
 print(','.join(f'{s}:{t}' for s, t in enumerate(distil_layers($TEACHER_LAYERS, $STUDENT_LAYERS))))")
 kd_finetune() {  # kd_finetune ROW DISTILLER_FLAGS...
   local row=$1; shift
@@ -177,7 +177,7 @@ kd_finetune() {  # kd_finetune ROW DISTILLER_FLAGS...
   test_row "$row"
 }
 kd_finetune ft-kd
-kd_finetune ft-kd-hidden --alpha_hidden 0.2 --layer_map "$LAYER_MAP"
+kd_finetune ft-kd-hidden --alpha_hidden 0.2 --layer_map "$DISTIL_LAYER_MAP"
 kd_finetune ft-kd-attention --alpha_att 0.2 --alpha_val 0.2
 kd_finetune ft-reverse-kl --divergence reverse_kl
 
