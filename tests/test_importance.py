@@ -2,7 +2,6 @@
 dropped; the scores reach truncation.json and importance.png; short or missing calibration text is one line."""
 import json
 import socket
-import subprocess
 import sys
 
 import pytest
@@ -12,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaC
 from conftest import assert_one_line_error, run, write_config
 from lmcompress.importance import MEASURES, angular_scores, kept_blocks, measure_importance
 from lmcompress.models import load_config
-from lmcompress.truncation import main
+from test_truncate import call_main
 
 # a larger initialisation than the default makes every block change the hidden states and the predictions a lot
 CONFIGS = {
@@ -116,16 +115,6 @@ def test_truncate_py_importance_drops_the_identity_and_writes_scores_and_chart(i
     assert len(importance["scores"]) == 4 and min(range(4), key=importance["scores"].__getitem__) == 1
     assert (student / "importance.png").stat().st_size > 0
     assert AutoModelForCausalLM.from_pretrained(student).config.n_layer == 3
-
-
-def call_main(argv, capsys):
-    try:
-        main([str(arg) for arg in argv])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(argv, code, out, err)
 
 
 @pytest.mark.parametrize("extra, message", [
