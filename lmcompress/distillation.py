@@ -8,7 +8,6 @@ micro-batches of one optimiser step and over ranks. Dividing every micro-batch's
 accumulated micro-batches, or n ranks, give the loss and gradient of one batch k (or n) times larger.
 """
 import dataclasses
-import json
 import os
 import sys
 
@@ -19,7 +18,7 @@ from . import deepspeed_support, intermediate
 from .cli import parse_dataclass_args
 from .data import DataArguments
 from .errors import UserError, entry_point
-from .jsonio import write_json
+from .jsonio import read_json, write_json
 from .losses import DIVERGENCES, IGNORE_INDEX, cosine_loss, kd_loss, lm_loss, mse_loss
 from .models import load_causal_lm, load_config, position_embeddings
 from .training import (LMTrainer, ProjectTrainingArguments, autocast_dtype, prepare_data,
@@ -278,7 +277,7 @@ def distillation_record(args):
         record["jsd_beta"] = args.jsd_beta
     truncation = os.path.join(args.student_name_or_path or "", TRUNCATION_FILE)
     if args.student_name_or_path and os.path.isfile(truncation):
-        record["student_truncation"] = json.loads(open(truncation, encoding="utf-8").read())
+        record["student_truncation"] = read_json(truncation)
     return record
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
-from .truncation import find_block_list
+from .truncation import block_output, decoder_blocks
 
 MEASURES = ("block_influence", "angular", "perplexity")
 IMPORTANCE_FILE = "importance.png"
@@ -43,11 +43,6 @@ def all_reduce_sum(tensor):
     if distributed_world()[1] > 1:
         torch.distributed.all_reduce(tensor)
     return tensor
-
-
-def block_output(output):
-    """The hidden states a block returns (alone or first in a tuple)."""
-    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def block_input(args, kwargs):
@@ -106,7 +101,7 @@ def calibration_sums(model, blocks_of_tokens, measure, batch_size=1):
     ``cosine``: depth+1 × depth+1 cosine sums between block boundaries, ``n_tokens`` their token count;
     for ``perplexity`` also ``nll_without`` (the summed NLL with each block skipped) and ``nll``.
     """
-    blocks = model.get_submodule(find_block_list(model))
+    blocks = decoder_blocks(model)
     depth = len(blocks)
     device = next(model.parameters()).device
     rank, world_size = distributed_world()

@@ -4,7 +4,6 @@ The models keep SDPA for their own forward. Their last attention layer runs thro
 that records its queries, keys and values and then calls SDPA; the attention and value-relation distributions are
 recomputed from those, a chunk of query positions at a time, so no heads×T×T map of the whole batch is held.
 """
-import json
 import os
 
 import torch
@@ -15,6 +14,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .errors import UserError
+from .jsonio import read_json
+from .truncation import block_output, decoder_blocks
 
 CAPTURE_IMPLEMENTATION = "lmcompress_capture"
 CAPTURE_ATTRIBUTE = "lmcompress_captured"
@@ -65,7 +66,7 @@ def resolve_layer_map(text, student_folder, n_student, n_teacher, truncation_fil
         return parse_layer_map(text, n_student, n_teacher), "--layer_map"
     record = os.path.join(student_folder or "", truncation_file)
     if student_folder and os.path.isfile(record):
-        layers = json.loads(open(record, encoding="utf-8").read())["layers"]
+        layers = read_json(record)["layers"]
         return parse_layer_map(",".join(f"{i}:{t}" for i, t in enumerate(layers)), n_student, n_teacher), record
     return even_map(n_student, n_teacher), "evenly spread"
 
@@ -81,7 +82,7 @@ class BlockOutputs:
 
     def _keeper(self, index):
         def keep(module, inputs, output):
-            self.outputs[index] = output[0] if isinstance(output, tuple) else output
+            self.outputs[index] = block_output(output)
         return keep
 
 
@@ -172,13 +173,6 @@ def relation_losses(student_qkv, teacher_qkv, real, query_mask, n_tokens, n_rela
 
 # ---- model plumbing ----
 
-def transformer_blocks(model):
-    """The model's list of decoder blocks, found as truncation finds it."""
-    from .truncation import find_block_list
-
-    return model.get_submodule(find_block_list(model))
-
-
 def attention_module(block):
     for name in ("attn", "self_attn"):
         if hasattr(block, name):
@@ -194,7 +188,7 @@ def enable_capture(model, flag="--alpha_att/--alpha_val"):
         raise UserError(f"{flag}: the attention of {type(model).__name__} cannot be captured ({err}); set "
                         "--alpha_att 0 --alpha_val 0") from err
     store = {}
-    setattr(attention_module(transformer_blocks(model)[-1]), CAPTURE_ATTRIBUTE, store)
+    setattr(attention_module(decoder_blocks(model)[-1]), CAPTURE_ATTRIBUTE, store)
     return store
 
 
@@ -206,7 +200,7 @@ class Taps:
         self.active = bool(args.alpha_hidden or args.alpha_att or args.alpha_val)
         args.resolved_layer_map = None
         if args.alpha_hidden:
-            s_blocks, t_blocks = transformer_blocks(student), transformer_blocks(teacher)
+            s_blocks, t_blocks = decoder_blocks(student), decoder_blocks(teacher)
             layer_map, source = resolve_layer_map(args.layer_map, student_folder, len(s_blocks), len(t_blocks),
                                                   truncation_file)
             if source == "evenly spread" and int(os.environ.get("RANK", "0")) == 0:

@@ -2,6 +2,11 @@ import json
 import os
 
 
+def read_json(path):
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
 def write_json(path, values):
     """Write JSON atomically: a temporary file beside ``path``, then a rename."""
     tmp = f"{path}.tmp-{os.getpid()}"

@@ -5,6 +5,7 @@ import os
 import torch
 
 from .errors import UserError
+from .jsonio import read_json
 from .vocab import first_line, require_folder_if_local
 
 
@@ -24,7 +25,7 @@ def load_config(config_name=None, model_name_or_path=None, config_flag="--config
             if not os.path.isfile(config_name):
                 raise UserError(f"{config_flag} {config_name}: no such file")
             try:
-                values = json.loads(open(config_name, encoding="utf-8").read())
+                values = read_json(config_name)
             except json.JSONDecodeError as err:
                 raise UserError(f"{config_flag} {config_name}: not valid JSON ({err})") from err
             if "model_type" not in values:

@@ -10,7 +10,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .errors import UserError
 from .models import plain_output_head

@@ -5,7 +5,6 @@ adds the project's data (token folders, blocks, each rank its own shard, reshuff
 token-weighted evaluation with perplexity, output-folder safety and the legacy flags users' scripts pass.
 """
 import dataclasses
-import math
 import os
 import shutil
 import time

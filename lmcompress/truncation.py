@@ -111,6 +111,15 @@ def find_block_list(model):
     return names[0]
 
 
+def decoder_blocks(model):
+    return model.get_submodule(find_block_list(model))
+
+
+def block_output(output):
+    """The hidden states a block returns (alone or first in a tuple)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
 def student_state_dict(teacher_state, layers, block_list="transformer.h"):
     """The teacher's weights with block ``layers[i]`` renamed to block i and the other blocks left out."""
     new_index = {old: new for new, old in enumerate(layers)}
