@@ -6,6 +6,8 @@
 (b) training step: train.py's LMTrainer (token folder, memory-mapped blocks) against a plain HF ``Trainer`` of
     ``run_clm.py``'s shape (a ``datasets.Dataset`` of grouped blocks, ``default_data_collator``, labels =
     input_ids), same model, batch and optimiser; median step time after warm-up steps.
+    With ``--bf16`` on both sides (CPU autocast) as a second row, so that a precision regression (a product that
+    falls back to float32) shows up as a ratio on any machine.
 (d) evaluation: evaluate.py (non-overlapping blocks) against ``Trainer.evaluate`` over the same blocks; the
     perplexities must agree to 1e-5 (relative). The text is cut to whole blocks, as ``group_texts`` does.
 (e) sliding window at stride 512, block 1024: evaluate.py ``--stride 512`` against the loop of HuggingFace's
@@ -15,6 +17,7 @@ Every side runs in a fresh process (peak resident memory from the operating syst
 ``--repeats`` runs inside that process. Text: jargon.txt (train) and WikiText-103 test from ../shared/data.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -127,23 +130,23 @@ class StepTimer:
         return statistics.median(self.times[warmup:])
 
 
-def training_flags(spec, output_dir):
-    return ["--output_dir", output_dir, "--max_steps", str(spec["warmup_steps"] + spec["train_steps"]),
+def training_flags(spec, output_dir, bf16=False):
+    return (["--bf16"] if bf16 else []) + ["--output_dir", output_dir, "--max_steps", str(spec["warmup_steps"] + spec["train_steps"]),
             "--per_device_train_batch_size", str(spec["batch_size"]), "--learning_rate", "1e-4",
             "--logging_steps", "1000", "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none",
             "--disable_tqdm", "true", "--seed", "0", "--overwrite_output_dir"]
 
 
-def train_ours(spec):
+def train_ours(spec, bf16=False):
     from lmcompress.training import build_trainer
 
     trainer, _ = build_trainer(["--model_name_or_path", spec["model"], "--dataset_dir", spec["tokens"],
                                 "--block_size", str(spec["block_size"]),
-                                *training_flags(spec, os.path.join(spec["work"], "train-ours"))])
+                                *training_flags(spec, os.path.join(spec["work"], "train-ours"), bf16)])
     return time_training(trainer, spec)
 
 
-def train_baseline(spec):
+def train_baseline(spec, bf16=False):
     """run_clm.py's shape: grouped blocks in a datasets.Dataset, default_data_collator, a plain Trainer."""
     import datasets
     import numpy as np
@@ -161,7 +164,7 @@ def train_baseline(spec):
     args = TrainingArguments(output_dir=values["--output_dir"], max_steps=int(values["--max_steps"]),
                              per_device_train_batch_size=spec["batch_size"], learning_rate=1e-4, logging_steps=1000,
                              save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True, seed=0,
-                             use_cpu=True)
+                             use_cpu=True, bf16=bf16)
     model = AutoModelForCausalLM.from_pretrained(spec["model"])
     trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=default_data_collator)
     return time_training(trainer, spec)
@@ -267,7 +270,9 @@ def window_baseline(spec):
             "tokens_per_second": runs[0][2] / seconds}
 
 
-SIDES = {"train:ours": train_ours, "train:baseline": train_baseline, "eval:ours": evaluate_ours,
+SIDES = {"train:ours": train_ours, "train:baseline": train_baseline,
+         "train_bf16:ours": functools.partial(train_ours, bf16=True),
+         "train_bf16:baseline": functools.partial(train_baseline, bf16=True), "eval:ours": evaluate_ours,
          "eval:baseline": evaluate_baseline, "window:ours": window_ours, "window:baseline": window_baseline}
 
 
@@ -278,10 +283,12 @@ def rows(results, cli):
     """Rows of the summary table (see bench.__main__)."""
     out = []
     labels = {"train": f"(b) training step, {cli.n_layer}x{cli.n_embd} GPT-2, batch {cli.batch_size}x{cli.block_size}",
+              "train_bf16": f"(b) training step --bf16, {cli.n_layer}x{cli.n_embd} GPT-2, batch "
+                            f"{cli.batch_size}x{cli.block_size}",
               "eval": f"(d) evaluation, {cli.eval_blocks} blocks of {cli.eval_block_size}, batch {cli.eval_batch_size}",
               "window": f"(e) sliding window, block {cli.window_block_size} stride {cli.stride}, "
                         f"{cli.window_tokens} tokens"}
-    baselines = {"train": "HF Trainer, run_clm shape", "eval": "HF Trainer.evaluate", "window": "HF guide's loop"}
+    baselines = {"train": "HF Trainer, run_clm shape", "train_bf16": "HF Trainer --bf16, run_clm shape", "eval": "HF Trainer.evaluate", "window": "HF guide's loop"}
     for stage, sides in results.items():
         ours, base = sides["ours"], sides["baseline"]
         row = {"stage": labels[stage], "baseline": baselines[stage], "unit": ours["unit"],
@@ -298,7 +305,7 @@ def rows(results, cli):
 
 def parser():
     parser = argparse.ArgumentParser(prog="python -m bench.stages", description=__doc__.splitlines()[0])
-    parser.add_argument("--stages", default="train,eval,window")
+    parser.add_argument("--stages", default="train,train_bf16,eval,window")
     parser.add_argument("--n_layer", type=int, default=4)
     parser.add_argument("--n_embd", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=4)

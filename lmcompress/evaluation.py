@@ -37,6 +37,8 @@ class EvaluationArguments:
         "help": "seconds a collective waits for a rank that stopped answering before the run fails"})
     report_to: str = dataclasses.field(default="tensorboard", metadata={"help": "tensorboard (events in "
                                        "$TENSORBOARD_LOGGING_DIR, else runs/ beside the output file) or none"})
+    local_rank: int = dataclasses.field(default=-1, metadata={"help": "passed by the deepspeed launcher and "
+                                        "torch.distributed.launch; the rank itself is read from $LOCAL_RANK"})
 
     def __post_init__(self):
         if self.report_to not in ("tensorboard", "none"):

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
+from .losses import summed_nll
 from .truncation import block_output, decoder_blocks
 
 MEASURES = ("block_influence", "angular", "perplexity")
@@ -88,10 +89,8 @@ def cosine_sums(states):
     return torch.einsum("itd,jtd->ij", unit, unit)
 
 
-def summed_nll(logits, input_ids):
-    logits = logits.double()
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1),
-                           reduction="sum")
+def next_token_nll(logits, input_ids):
+    return summed_nll(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
 
 
 @torch.no_grad()
@@ -118,10 +117,10 @@ def calibration_sums(model, blocks_of_tokens, measure, batch_size=1):
         counts[0] += input_ids.numel()
         if measure == "perplexity":
             counts[1] += input_ids[:, 1:].numel()
-            counts[2] += summed_nll(logits, input_ids)
+            counts[2] += next_token_nll(logits, input_ids)
             for index, block in enumerate(blocks):
                 with skipped(block):
-                    nll_without[index] += summed_nll(model(input_ids=input_ids, use_cache=False).logits, input_ids)
+                    nll_without[index] += next_token_nll(model(input_ids=input_ids, use_cache=False).logits, input_ids)
     for sums in (cosine, nll_without, counts):
         all_reduce_sum(sums)
     return {"cosine": cosine.cpu(), "n_tokens": int(counts[0]), "n_predicted": int(counts[1]),

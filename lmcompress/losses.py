@@ -5,8 +5,9 @@ Every term is a sum over the real positions (``mask`` true) divided by a token c
 ranks) as ``n_tokens`` makes the micro-batch terms add up to the average over that batch.
 
 Full-vocabulary terms are computed a chunk of positions at a time, upcast to float32 (float64 stays float64)
-per chunk, and each chunk is recomputed in the backward pass. So no float32 vocabulary-wide tensor of the
-whole batch ever exists; only the gradient of the logits, in their own dtype.
+per chunk: no float32 vocabulary-wide tensor of the whole batch ever exists. The next-token cross-entropy
+(``summed_nll``) serves training, distillation, evaluation and importance; it can start from the last hidden
+states and the output layer, so that not even the logits of the batch exist.
 """
 import functools
 import math
@@ -18,6 +19,7 @@ from torch.autograd.function import once_differentiable
 IGNORE_INDEX = -100
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 CHUNK_ELEMENTS = 2 ** 22  # 16 MiB of float32 per tensor per chunk
+GPU_CHUNK_ELEMENTS = 2 ** 25  # 128 MiB
 
 
 def next_token_targets(labels):
@@ -74,7 +76,7 @@ def _masked_sum(row_values, tensors, mask):
     """Sum of ``row_values(*rows)`` over the positions where ``mask`` is true, computed in chunks of positions."""
     flat = [tensor.reshape(mask.numel(), *tensor.shape[mask.dim():]) for tensor in tensors]
     width = flat[0].shape[-1] if flat[0].dim() > 1 else 1
-    return _ChunkedMaskedSum.apply(row_values, mask.reshape(-1), max(1, CHUNK_ELEMENTS // width), *flat)
+    return _ChunkedMaskedSum.apply(row_values, mask.reshape(-1), chunk_rows(width, mask.device), *flat)
 
 
 def _average(total, mask, n_tokens):
@@ -116,101 +118,101 @@ def kd_loss(student_logits, teacher_logits, mask, temperature=2.0, divergence="f
     return temperature ** 2 * _average(_masked_sum(rows, (student_logits, teacher_logits), mask), mask, n_tokens)
 
 
-def _cross_entropy_rows(logits, targets):
-    return F.cross_entropy(_upcast(logits), targets, reduction="none")
-
-
 def lm_loss(student_logits, targets, n_tokens=None):
     """Next-token cross-entropy, averaged over the positions with a target (``targets`` from next_token_targets)."""
-    mask = targets != IGNORE_INDEX
-    return _average(_masked_sum(_cross_entropy_rows, (student_logits, targets), mask), mask, n_tokens)
+    total = summed_nll(student_logits.flatten(0, -2), targets.flatten())
+    return _average(total, targets != IGNORE_INDEX, n_tokens)
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Σ over positions with a target of the cross-entropy of ``hidden @ weight.T``, a chunk of rows at a time.
+def chunk_rows(vocabulary_size, device):
+    """Positions per chunk of a vocabulary-wide computation. On GPUs bigger chunks keep the output layer's
+    matrix products efficient (each chunk reads the whole weight); on CPUs small ones stay in cache."""
+    elements = CHUNK_ELEMENTS if device.type == "cpu" else GPU_CHUNK_ELEMENTS
+    return max(1, elements // vocabulary_size)
 
-    The loss is the last operation of the graph, so its gradient is computed during the forward pass, chunk by
-    chunk, and only scaled in the backward: neither the logits nor their gradient ever exist for the whole
-    batch (for GPT-2 at batch 8 × 1024 that is 1.6 GB of float32 each). The matrix products run in the autocast
-    dtype when autocast is on, everything else in float32 (float64 stays float64).
+
+def summed_nll(inputs, targets, weight=None):
+    """Σ next-token NLL over the ``targets`` [n] that are not IGNORE_INDEX: the project's one cross-entropy.
+
+    ``inputs`` [n, d] are last hidden states and ``weight`` [vocabulary, d] the output layer (logits = inputs @
+    weight.T, no bias), or ``weight`` is None and ``inputs`` [n, vocabulary] are the logits. It runs a chunk of
+    positions at a time, so neither the logits of the whole batch nor their gradient ever exist. Gradients are
+    computed, during the forward pass, only for the inputs that want them (none under ``torch.no_grad``). Matrix
+    products run in the autocast dtype when autocast is on; log-sum-exp and sums in float32 (float64 stays float64).
     """
+    chunk = chunk_rows(inputs.shape[-1] if weight is None else weight.shape[0], inputs.device)
+    wanted = torch.is_grad_enabled() and (inputs.requires_grad or (weight is not None and weight.requires_grad))
+    if wanted:
+        return _NextTokenNLL.apply(inputs, weight, targets, chunk)
+    return _nll_chunks(inputs, weight, targets, chunk)[0]
+
+
+class _NextTokenNLL(torch.autograd.Function):
+    """``summed_nll`` with gradients. The loss is the last operation of the graph, so its gradients are computed in
+    the forward pass, chunk by chunk, and only scaled in the backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk):
-        device_type = hidden.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
-        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        with torch.autocast(device_type, enabled=False):
-            matrix, states = weight.to(dtype), hidden.to(dtype)
-            buffer_dtype = torch.promote_types(dtype, torch.float32)
-            # The stored gradients stay in float32 until the backward scales them: in fp16 the gradient of the
-            # unscaled summed loss overflows long before the loss-scaled one would.
-            grad_hidden = torch.empty_like(hidden, dtype=buffer_dtype) if want_hidden else None
-            grad_weight = torch.zeros_like(weight, dtype=buffer_dtype) if want_weight else None
-            total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-            # One buffer for every chunk's logits: on CPU a fresh one per chunk costs page faults.
-            buffer = torch.empty(min(chunk, len(states)), len(matrix), dtype=buffer_dtype, device=hidden.device)
-            for start in range(0, len(states), chunk):
-                rows, row_targets = states[start:start + chunk], targets[start:start + chunk]
-                logits = buffer[:len(rows)]
-                if dtype == buffer_dtype:
-                    torch.matmul(rows, matrix.t(), out=logits)
-                else:
-                    logits.copy_(rows @ matrix.t())
-                real = (row_targets != IGNORE_INDEX).unsqueeze(1)
-                safe_targets = row_targets.clamp_min(0).unsqueeze(1)
-                log_normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)
-                nll = log_normaliser - logits.gather(1, safe_targets)
-                total += nll[real].sum(dtype=torch.float64)
-                probabilities = logits.sub_(log_normaliser).exp_()  # d loss / d logits = softmax − one-hot
-                probabilities.scatter_add_(1, safe_targets, -real.to(probabilities.dtype)).mul_(real)
-                gradient = probabilities.to(dtype)
-                if want_hidden:
-                    grad_hidden[start:start + chunk] = gradient @ matrix
-                if want_weight and dtype in (buffer_dtype, torch.float16):
-                    # fp16's range cannot hold Σ over a chunk's rows of the unscaled gradient: float32 here.
-                    grad_weight.addmm_(probabilities.t(), rows.to(buffer_dtype))
-                elif want_weight:
-                    grad_weight += (gradient.t() @ rows).to(buffer_dtype)
-        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        return total.to(buffer_dtype)
+    def forward(ctx, inputs, weight, targets, chunk):
+        total, grad_inputs, grad_weight = _nll_chunks(inputs, weight, targets, chunk, *ctx.needs_input_grad[:2])
+        ctx.dtypes = inputs.dtype, None if weight is None else weight.dtype
+        ctx.save_for_backward(grad_inputs, grad_weight)
+        return total
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_total):
-        grad_hidden, grad_weight = ctx.saved_tensors
         scaled = [None if grad is None else (grad * grad_total).to(dtype)
-                  for grad, dtype in ((grad_hidden, ctx.hidden_dtype), (grad_weight, ctx.weight_dtype))]
+                  for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
         return *scaled, None, None
 
 
-def _summed_nll(states, matrix, targets, chunk):
-    """Σ next-token NLL of ``states @ matrix.T`` over targets that are not IGNORE_INDEX, loss only: the matrix
-    product in the inputs' dtype, log-sum-exp and sums in float32 (float64 stays float64)."""
-    total = torch.zeros((), dtype=torch.float64, device=states.device)
-    for start in range(0, len(states), chunk):
-        row_targets = targets[start:start + chunk]
-        real = row_targets != IGNORE_INDEX
-        if not real.any():
-            continue
-        logits = _upcast(states[start:start + chunk][real] @ matrix.t())
-        total += (torch.logsumexp(logits, dim=-1) - logits.gather(1, row_targets[real].unsqueeze(1)).squeeze(1)
-                  ).sum(dtype=torch.float64)
-    return total
-
-
-def linear_cross_entropy(hidden, weight, targets):
-    """Summed next-token cross-entropy of the logits ``hidden @ weight.T`` (no bias) over ``targets`` that are not
-    IGNORE_INDEX, without materialising the logits: ``hidden`` [n, d], ``weight`` [vocabulary, d], ``targets`` [n]."""
-    chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
-    device_type = hidden.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+def _nll_chunks(inputs, weight, targets, chunk, want_inputs=False, want_weight=False):
+    """``(Σ NLL, gradient of inputs or None, gradient of weight or None)``, a chunk of positions at a time."""
+    device_type = inputs.device.type
+    autocast = weight is not None and torch.is_autocast_enabled(device_type)
+    dtype = torch.get_autocast_dtype(device_type) if autocast else (inputs if weight is None else weight).dtype
+    buffer_dtype = torch.promote_types(dtype, torch.float32)
     with torch.autocast(device_type, enabled=False):
-        return _summed_nll(hidden.to(dtype), weight.to(dtype), targets, chunk).to(
-            torch.promote_types(dtype, torch.float32))
+        matrix, states = (None if weight is None else weight.to(dtype)), inputs.to(dtype)
+        # Gradients stay in float32 until the backward scales them: in fp16 the gradient of the unscaled summed
+        # loss overflows long before the loss-scaled one would. Logits' gradients (probabilities) cannot.
+        grad_inputs = (torch.empty_like(inputs, dtype=inputs.dtype if matrix is None else buffer_dtype)
+                       if want_inputs else None)
+        grad_weight = torch.zeros_like(weight, dtype=buffer_dtype) if want_weight else None
+        total = torch.zeros((), dtype=torch.float64, device=inputs.device)
+        # One buffer for every chunk's logits: on CPU a fresh one per chunk costs page faults.
+        vocabulary = states.shape[-1] if matrix is None else len(matrix)
+        buffer = torch.empty(min(chunk, len(states)), vocabulary, dtype=buffer_dtype, device=inputs.device)
+        for start in range(0, len(states), chunk):
+            rows, row_targets = states[start:start + chunk], targets[start:start + chunk]
+            logits = buffer[:len(rows)]
+            if matrix is None:
+                logits.copy_(rows)
+            elif dtype == buffer_dtype:
+                torch.matmul(rows, matrix.t(), out=logits)
+            else:
+                logits.copy_(rows @ matrix.t())
+            real = (row_targets != IGNORE_INDEX).unsqueeze(1)
+            safe_targets = row_targets.clamp_min(0).unsqueeze(1)
+            log_normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)
+            nll = log_normaliser - logits.gather(1, safe_targets)
+            total += nll.masked_fill(~real, 0).sum(dtype=torch.float64)
+            if not (want_inputs or want_weight):
+                continue
+            probabilities = logits.sub_(log_normaliser).exp_()  # d loss / d logits = softmax − one-hot
+            probabilities.scatter_add_(1, safe_targets, -real.to(probabilities.dtype)).mul_(real)
+            if matrix is None:
+                grad_inputs[start:start + chunk] = probabilities
+                continue
+            gradient = probabilities.to(dtype)
+            if want_inputs:
+                grad_inputs[start:start + chunk] = gradient @ matrix
+            if want_weight and dtype in (buffer_dtype, torch.float16):
+                # fp16's range cannot hold Σ over a chunk's rows of the unscaled gradient: float32 here.
+                grad_weight.addmm_(probabilities.t(), rows.to(buffer_dtype))
+            elif want_weight:
+                grad_weight += (gradient.t() @ rows).to(buffer_dtype)
+    return total.to(buffer_dtype), grad_inputs, grad_weight
 
 
 def _cosine_distance_rows(student_hidden, teacher_hidden):

@@ -69,11 +69,11 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", 
 
 
 def plain_output_head(model):
-    """The output layer when the model's logits are exactly ``head(last hidden state)``, else None: losses may
-    then run the head themselves, chunk by chunk; models that soft-cap or scale their logits go through their
-    own forward."""
+    """The output layer when the model's logits are exactly ``last hidden state @ head.weight.T``, else None:
+    losses may then run the head themselves, chunk by chunk; models that soft-cap or scale their logits, or add a
+    bias, go through their own forward."""
     head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear) or any(getattr(model.config, name, None) for name in LOGIT_TRANSFORMS):
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None or any(getattr(model.config, name, None) for name in LOGIT_TRANSFORMS):
         return None
     return head
 

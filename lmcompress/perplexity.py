@@ -12,10 +12,8 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .losses import IGNORE_INDEX, summed_nll
 from .models import plain_output_head
-
-IGNORE_INDEX = -100
-LOGIT_CHUNK = 4096
 
 
 def check_stride(stride, block_size):
@@ -58,57 +56,24 @@ def scored_positions(spans, length):
                       for row, (begin, end, first_scored) in enumerate(spans)])
 
 
-def project(output_head, states, workspace=None):
-    """Float32 (at least) logits of ``states``; written into ``workspace`` when it is given and the head is a plain
-    float32 linear map. On CPU a fresh chunk-by-vocabulary tensor per chunk costs as much in page faults as the
-    log-softmax itself (measured: the head and loss of an evaluation step run 1.9x faster in a reused buffer)."""
-    weight = getattr(output_head, "weight", None)
-    if (workspace is not None and isinstance(output_head, torch.nn.Linear) and output_head.bias is None
-            and states.dtype == weight.dtype == workspace.dtype and not torch.is_autocast_enabled(states.device.type)):
-        return torch.matmul(states, weight.t(), out=workspace[: len(states)])
-    logits = output_head(states)
-    return logits if logits.dtype == torch.float64 else logits.float()
+def batch_nll(model, input_ids, attention_mask, labels, whole_model=False, positions=None):
+    """Σ next-token NLL of a batch over the predictions whose label is set, and their number.
 
-
-def summed_nll_from_hidden(hidden, output_head, labels, chunk=LOGIT_CHUNK, positions=None, workspace=None):
-    """Sum of next-token NLL over positions whose label is set, projecting ``chunk`` positions at a time.
-
-    Only scored positions go through the output head, and logits are upcast to float32 per chunk and turned
-    into log-probabilities in place, so no full-vocabulary tensor for the whole batch is ever materialised.
-    ``positions`` (``scored_positions``, built on the host) spares the device a mask count that would wait for
-    the forward pass; ``workspace`` (see ``project``) receives each chunk's logits.
+    Only the scored positions go through the output layer, chunk by chunk (``losses.summed_nll``). ``positions``
+    (``scored_positions``, built on the host) spares the device a mask count that would wait for the forward pass.
+    ``whole_model``: one plain forward with full logits (ZeRO-3: a fixed number of parameter gathers).
     """
+    head = plain_output_head(model)
+    if whole_model or model.base_model is model or head is None:
+        states, weight = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits, None
+    else:
+        states = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        weight = head.weight
     targets = labels[:, 1:].reshape(-1)
-    states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    states = states[:, :-1].reshape(-1, states.shape[-1])
     if positions is None:
         positions = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-    if positions.numel() < targets.numel():
-        states, targets = states.index_select(0, positions), targets.index_select(0, positions)
-    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-    for start in range(0, targets.numel(), chunk):
-        logits = project(output_head, states[start : start + chunk], workspace)
-        log_probs = torch.log_softmax(logits, dim=-1, out=logits)
-        total -= log_probs.gather(1, targets[start : start + chunk, None]).sum(dtype=torch.float64)
-    return total, positions.numel()
-
-
-def logit_workspace(model, device, n_positions):
-    """A reusable float32 buffer for ``project`` on CPU (elsewhere the caching allocator already reuses memory)."""
-    head = model.get_output_embeddings()
-    if device.type != "cpu" or not isinstance(head, torch.nn.Linear) or head.weight.dtype != torch.float32:
-        return None
-    return torch.empty(min(LOGIT_CHUNK, n_positions), head.out_features, dtype=torch.float32, device=device)
-
-
-def summed_nll(model, input_ids, attention_mask, labels, whole_model=False, positions=None, workspace=None):
-    """``whole_model``: one plain forward with full logits (ZeRO-3: a fixed number of parameter gathers)."""
-    base = model.base_model
-    head = plain_output_head(model)
-    if whole_model or base is model or head is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        return summed_nll_from_hidden(logits, torch.nn.Identity(), labels, positions=positions)
-    hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    return summed_nll_from_hidden(hidden, head, labels, positions=positions, workspace=workspace)
+    return summed_nll(states.index_select(0, positions), targets.index_select(0, positions), weight), positions.numel()
 
 
 def perplexity_from(nll_sum, n_scored):
@@ -133,7 +98,6 @@ def stream_nll(model, tokens, block_size, stride, batch_size, device, autocast_d
     was_training = model.training
     model.eval()
     nll_sum, n_scored = 0.0, 0
-    workspace = None if lockstep else logit_workspace(model, device, batch_size * block_size)
     for start in tqdm(range(0, n_batches * batch_size, batch_size), desc="perplexity", unit="tok",
                       unit_scale=batch_size * block_size, disable=not progress or None):
         batch = spans[start : start + batch_size]
@@ -141,8 +105,8 @@ def stream_nll(model, tokens, block_size, stride, batch_size, device, autocast_d
         input_ids, attention_mask, labels = (t.to(device, non_blocking=True) for t in make_batch(tokens, fed))
         positions = scored_positions(fed, input_ids.shape[1]).to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            batch_sum, batch_count = summed_nll(model, input_ids, attention_mask, labels, whole_model=lockstep,
-                                                positions=positions, workspace=workspace)
+            batch_sum, batch_count = batch_nll(model, input_ids, attention_mask, labels, whole_model=lockstep,
+                                               positions=positions)
         if batch:
             nll_sum += batch_sum
             n_scored += batch_count

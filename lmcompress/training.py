@@ -10,7 +10,6 @@ import shutil
 import time
 
 import torch
-import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -21,7 +20,7 @@ from .data import BlockDataset, DataArguments, check_vocabulary, choose_block_si
 from .distributed import COLLECTIVE_TIMEOUT_S, local_main_first, start_cpu_process_group
 from .errors import UserError, entry_point, removed_on_failure, require_writable_folder
 from .jsonio import write_json
-from .losses import IGNORE_INDEX, linear_cross_entropy
+from .losses import IGNORE_INDEX, summed_nll
 from .models import is_trained_model_folder, load_causal_lm, load_config, n_positions, plain_output_head
 from .perplexity import perplexity_from, reduce_sums, stream_nll
 from .tokenfiles import open_split, read_meta
@@ -116,23 +115,22 @@ class LMTrainer(Trainer):
         super()._run_epoch(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The mean next-token loss; for a plain output layer from the last hidden states through ``linear_cross_entropy``,
-        which never materialises the logits of the batch (nor their gradient)."""
+        """The mean next-token loss; for a plain output layer from the last hidden states, so that the logits of the
+        batch (and their gradient) never exist: see ``losses.summed_nll``."""
         targets = inputs["shift_labels"]
         forward_inputs = {key: inputs[key] for key in ("input_ids", "attention_mask") if key in inputs}
         n_tokens, scale = self.normaliser(targets, num_items_in_batch)
         head = fusable_output_head(self.accelerator.unwrap_model(model))
         if head is None or return_outputs:
             outputs = model(**forward_inputs)
-            logits = outputs.logits.flatten(0, 1).float()
-            loss_sum = F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+            states, weight = outputs.logits, None
         else:
             outputs = model(**forward_inputs, output_hidden_states=True, logits_to_keep=1)
-            hidden = outputs.hidden_states[-1]
-            # The autocast of the run wraps only model.forward: the output layer's products need it here too.
-            precision = autocast_dtype(self.args)
-            with torch.autocast(hidden.device.type, dtype=precision, enabled=precision is not None):
-                loss_sum = linear_cross_entropy(hidden.flatten(0, 1), head.weight, targets.flatten())
+            states, weight = outputs.hidden_states[-1], head.weight
+        # The autocast of the run wraps only model.forward: the output layer's products need it here too.
+        precision = autocast_dtype(self.args)
+        with torch.autocast(states.device.type, dtype=precision, enabled=precision is not None):
+            loss_sum = summed_nll(states.flatten(0, 1), targets.flatten(), weight)
         loss = loss_sum / n_tokens * scale
         return (loss, outputs) if return_outputs else loss
 
@@ -207,12 +205,9 @@ class LMTrainer(Trainer):
 
 
 def fusable_output_head(model):
-    """The output layer whose loss ``linear_cross_entropy`` can compute from the last hidden states (a plain linear
-    map without bias, whole on this rank: not under ZeRO-3), else None."""
-    head = plain_output_head(model)
-    if head is None or head.bias is not None or is_deepspeed_zero3_enabled():
-        return None
-    return head
+    """The output layer whose loss ``summed_nll`` can compute from the last hidden states (a plain linear map,
+    whole on this rank: not under ZeRO-3), else None."""
+    return None if is_deepspeed_zero3_enabled() else plain_output_head(model)
 
 
 def check_output_dir(args):

@@ -140,8 +140,8 @@ def test_num_layers_beyond_the_depth_is_one_line(llama_teacher, tmp_path):
 def test_training_and_evaluation_losses_equal_the_models_own_loss(name):
     """The fused loss takes the output layer only where the logits are exactly head(last hidden state); Gemma2's
     soft-capped logits go through the model's own forward. Untied heads (Llama, Qwen2, GPT-NeoX) are fused too."""
-    from lmcompress.losses import linear_cross_entropy, next_token_targets
-    from lmcompress.perplexity import summed_nll
+    from lmcompress.losses import next_token_targets, summed_nll
+    from lmcompress.perplexity import batch_nll
     from lmcompress.training import fusable_output_head
 
     torch.manual_seed(0)
@@ -153,9 +153,9 @@ def test_training_and_evaluation_losses_equal_the_models_own_loss(name):
     if head is not None:
         hidden = model(input_ids, output_hidden_states=True).hidden_states[-1]
         targets = next_token_targets(input_ids)
-        fused = linear_cross_entropy(hidden.flatten(0, 1), head.weight, targets.flatten()) / (targets >= 0).sum()
+        fused = summed_nll(hidden.flatten(0, 1), targets.flatten(), head.weight) / (targets >= 0).sum()
         torch.testing.assert_close(fused.item(), expected.item(), rtol=1e-6, atol=1e-6)
-    nll_sum, n_scored = summed_nll(model, input_ids, torch.ones_like(input_ids), input_ids)
+    nll_sum, n_scored = batch_nll(model, input_ids, torch.ones_like(input_ids), input_ids)
     # the model's own loss upcasts its logits to float32, even in a float64 model
     torch.testing.assert_close((nll_sum / n_scored).item(), expected.item(), rtol=1e-6, atol=1e-6)
 

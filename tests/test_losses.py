@@ -123,35 +123,37 @@ def test_half_precision_logits_are_computed_in_float32():
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 64])
-def test_linear_cross_entropy_matches_the_logits_loss_and_its_gradients(chunk):
-    from lmcompress.losses import _LinearCrossEntropy
-
+@pytest.mark.parametrize("from_hidden", [True, False], ids=["hidden-and-weight", "logits"])
+def test_summed_nll_matches_cross_entropy_and_its_gradients(chunk, from_hidden, monkeypatch):
+    """Every chunking, from hidden states and the output layer or from logits, with and without gradients."""
     torch.manual_seed(0)
     hidden = torch.randn(10, 8, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(13, 8, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 13, (10,))
     targets[[0, 7]] = IGNORE_INDEX
-    fused = _LinearCrossEntropy.apply(hidden, weight, targets, chunk) * 0.5
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 13 * chunk)
+    inputs = (hidden, weight) if from_hidden else (hidden @ weight.t(), None)
+    fused = losses.summed_nll(inputs[0], targets, inputs[1]) * 0.5
     fused_grads = torch.autograd.grad(fused, (hidden, weight))
     direct = F.cross_entropy(hidden @ weight.t(), targets, ignore_index=IGNORE_INDEX, reduction="sum") * 0.5
     direct_grads = torch.autograd.grad(direct, (hidden, weight))
     assert fused.item() == pytest.approx(direct.item(), rel=1e-12)
     for got, expected in zip(fused_grads, direct_grads):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        assert losses.summed_nll(inputs[0], targets, inputs[1]).item() == pytest.approx(direct.item() * 2, rel=1e-12)
 
 
-def test_linear_cross_entropy_fp16_gradients_follow_the_loss_scale():
+def test_summed_nll_fp16_gradients_follow_the_loss_scale():
     """8192 tokens with one large hidden feature: the unscaled weight gradient passes fp16's range, the scaled
     (here by 2⁻¹⁶, as a loss scaler backing off would) one does not; it must stay finite and match the logits path."""
-    from lmcompress.losses import linear_cross_entropy
-
     torch.manual_seed(0)
     hidden = (torch.randn(8192, 8) * 0.1).half()
     hidden[:, 0] = 64.0
     weight = (torch.randn(16, 8) * 0.01).half().requires_grad_()
     targets = torch.zeros(8192, dtype=torch.long)
     scale = 2.0 ** -16
-    (linear_cross_entropy(hidden, weight, targets) * scale).backward()
+    (losses.summed_nll(hidden, targets, weight) * scale).backward()
     reference_weight = weight.detach().double().requires_grad_()
     logits = hidden.double() @ reference_weight.t()
     (F.cross_entropy(logits, targets, reduction="sum") * scale).backward()
@@ -159,41 +161,35 @@ def test_linear_cross_entropy_fp16_gradients_follow_the_loss_scale():
     assert torch.allclose(weight.grad.double(), reference_weight.grad, rtol=1e-2, atol=1e-3)
 
 
-def test_linear_cross_entropy_without_gradients_computes_only_the_loss(monkeypatch):
-    from lmcompress.losses import _LinearCrossEntropy, linear_cross_entropy
-
+def test_summed_nll_without_gradients_computes_only_the_loss(monkeypatch):
     torch.manual_seed(0)
     hidden = torch.randn(12, 8, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(13, 8, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 13, (12,))
     targets[3] = IGNORE_INDEX
     expected = F.cross_entropy(hidden @ weight.t(), targets, reduction="sum")
-    monkeypatch.setattr(_LinearCrossEntropy, "apply", lambda *args: pytest.fail("gradients computed"))
+    monkeypatch.setattr(losses._NextTokenNLL, "apply", lambda *args: pytest.fail("gradients computed"))
     with torch.no_grad():
-        assert torch.allclose(linear_cross_entropy(hidden, weight, targets), expected)
-    assert torch.allclose(linear_cross_entropy(hidden.detach(), weight.detach(), targets), expected)
+        assert torch.allclose(losses.summed_nll(hidden, targets, weight), expected)
+    assert torch.allclose(losses.summed_nll(hidden.detach(), targets, weight.detach()), expected)
 
 
-def test_linear_cross_entropy_frozen_weight_gets_no_gradient():
-    from lmcompress.losses import linear_cross_entropy
-
+def test_summed_nll_frozen_weight_gets_no_gradient():
     torch.manual_seed(0)
     hidden = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(5, 4, dtype=torch.float64)
     targets = torch.randint(0, 5, (6,))
-    (grad,) = torch.autograd.grad(linear_cross_entropy(hidden, weight, targets), hidden)
+    (grad,) = torch.autograd.grad(losses.summed_nll(hidden, targets, weight), hidden)
     (expected,) = torch.autograd.grad(F.cross_entropy(hidden @ weight.t(), targets, reduction="sum"), hidden)
     assert weight.grad is None and torch.allclose(grad, expected)
 
 
-def test_linear_cross_entropy_refuses_second_derivatives():
-    from lmcompress.losses import linear_cross_entropy
-
+def test_summed_nll_refuses_second_derivatives():
     hidden = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 5, (4,))
     with pytest.raises(RuntimeError):
-        torch.autograd.gradgradcheck(lambda h, w: linear_cross_entropy(h, w, targets), (hidden, weight))
+        torch.autograd.gradgradcheck(lambda h, w: losses.summed_nll(h, targets, w), (hidden, weight))
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from conftest import assert_one_line_error, run
-from lmcompress.perplexity import (IGNORE_INDEX, make_batch, scored_positions, summed_nll_from_hidden, window_spans,
+from lmcompress.perplexity import (IGNORE_INDEX, make_batch, scored_positions, window_spans,
                                    word_perplexity)
 
 
@@ -36,19 +36,6 @@ def test_stride_out_of_range_is_refused(stride):
         window_spans(1000, 64, stride)
 
 
-def test_chunked_nll_equals_full_cross_entropy():
-    torch.manual_seed(0)
-    hidden = torch.randn(3, 20, 8, dtype=torch.float64)
-    head = torch.nn.Linear(8, 11, bias=False).double()
-    labels = torch.randint(0, 11, (3, 20))
-    labels[0, :5] = IGNORE_INDEX
-    total, count = summed_nll_from_hidden(hidden, head, labels, chunk=7)
-    logits = head(hidden)[:, :-1].reshape(-1, 11)
-    expected = F.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-    assert count == int((labels[:, 1:] != IGNORE_INDEX).sum())
-    assert total.item() == pytest.approx(expected.item(), rel=1e-12)
-
-
 @pytest.mark.parametrize("n_tokens,block_size,stride", [(300, 64, 64), (300, 64, 16), (70, 64, 32), (90, 64, 64)])
 def test_scored_positions_are_the_labelled_predictions(n_tokens, block_size, stride):
     spans = window_spans(n_tokens, block_size, stride)[-5:]
@@ -71,17 +58,17 @@ def test_padding_does_not_change_the_batch_nll(untrained_model):
     model = AutoModelForCausalLM.from_pretrained(untrained_model).eval()
     tokens = np.arange(200) % 300
     spans = [(0, 64, 1), (150, 200, 151)]
-    together = summed_nll_from_hidden_of(model, tokens, spans)
-    apart = [summed_nll_from_hidden_of(model, tokens, [span]) for span in spans]
+    together = batch_nll_of(model, tokens, spans)
+    apart = [batch_nll_of(model, tokens, [span]) for span in spans]
     assert together[0] == pytest.approx(apart[0][0] + apart[1][0], rel=1e-5)
     assert together[1] == apart[0][1] + apart[1][1]
 
 
-def summed_nll_from_hidden_of(model, tokens, spans):
-    from lmcompress.perplexity import summed_nll
+def batch_nll_of(model, tokens, spans):
+    from lmcompress.perplexity import batch_nll
 
     with torch.no_grad():
-        total, count = summed_nll(model, *make_batch(tokens, spans))
+        total, count = batch_nll(model, *make_batch(tokens, spans))
     return total.item(), count
 
 
