@@ -22,6 +22,7 @@ export NPROC_PER_NODE=${NPROC_PER_NODE:-}
 
 ROWS=${ROWS:-teacher random-init first distil-kd alt-pretrain alt-kd importance ft-kd ft-kd-hidden ft-kd-attention ft-reverse-kl alt-pretrain-raw}
 want() { [[ " $ROWS " == *" $1 "* ]]; }
+want_distil_kd() { want distil-kd || [[ " $ROWS " == *" ft-"* ]]; }   # every ft-* row starts from distil-kd's student
 
 case "$SCALE" in
   mini)
@@ -124,7 +125,7 @@ truncate_student() {  # truncate_student STRATEGY FLAGS...
     --output_dir "$ROOT/truncated/$strategy" "$@"
 }
 want first && truncate_student first
-truncate_student distil
+want_distil_kd && truncate_student distil
 want alt-pretrain || want alt-kd || want alt-pretrain-raw && truncate_student alt
 want importance && truncate_student importance --importance block_influence --dataset_dir "$PRETRAIN_DATA" \
   --calibration_split train --calibration_tokens "$CALIBRATION_TOKENS" --block_size "$BLOCK_SIZE"
@@ -137,7 +138,7 @@ pretrain_student() {  # pretrain_student ROW DATA
 want alt-pretrain && pretrain_student alt-pretrain "$PRETRAIN_DATA"
 want alt-pretrain-raw && pretrain_student alt-pretrain-raw "$PRETRAIN_RAW"
 for row in distil-kd:distil alt-kd:alt importance:importance; do
-  want "${row%%:*}" || [[ "${row%%:*}" == distil-kd ]] || continue   # every ft-* row starts from distil-kd's student
+  if [[ "${row%%:*}" == distil-kd ]]; then want_distil_kd || continue; else want "${row%%:*}" || continue; fi
   stage "${row%%:*}-distil" "$ROOT/${row%%:*}/distil/eval_results.json" env TEACHER="$TEACHER" \
     STUDENT="$ROOT/truncated/${row#*:}" DATASET_DIR="$PRETRAIN_DATA" OUTPUT_DIR="$ROOT/${row%%:*}/distil" \
     bash "$HERE/distil.sh" "${STUDENT_FLAGS[@]}"

@@ -17,6 +17,7 @@ from transformers import default_data_collator
 from . import deepspeed_support, intermediate
 from .cli import parse_dataclass_args
 from .data import DataArguments
+from .distributed import all_reduce_sum
 from .errors import UserError, entry_point
 from .jsonio import read_json, write_json
 from .losses import DIVERGENCES, IGNORE_INDEX, cosine_loss, kd_loss, lm_loss, mse_loss
@@ -183,8 +184,7 @@ class DistillationTrainer(LMTrainer):
             totals = torch.stack([torch.as_tensor(self._term_sums[name], dtype=torch.float64, device=self.args.device)
                                   for name in names] +
                                  [torch.as_tensor(self._term_tokens, dtype=torch.float64, device=self.args.device)])
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(totals)
+            all_reduce_sum(totals)
             for name, total in zip(names, totals[:-1]):
                 logs[name] = (total / totals[-1].clamp_min(1)).item()
             self._term_sums, self._term_tokens = {}, 0

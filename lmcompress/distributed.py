@@ -29,12 +29,25 @@ def init_distributed(timeout_s=COLLECTIVE_TIMEOUT_S):
     return rank, world_size, device
 
 
+def distributed_world():
+    """This process's rank and the world size of the running process group ((0, 1) without one)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum(tensor):
+    """``tensor`` summed in place over the ranks (left as it is in a single process)."""
+    if distributed_world()[1] > 1:
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
 @contextlib.contextmanager
 def local_main_first():
     """The body runs on each node's local rank 0 first (filling that node's cache), then on the other ranks
     (which find it filled). They wait on a gloo group of their own, free of the collective timeout."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()
-            and torch.distributed.get_world_size() > 1):
+    if distributed_world()[1] == 1:
         yield
         return
     is_local_main = int(os.environ.get("LOCAL_RANK", "0")) == 0

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .distributed import all_reduce_sum, distributed_world
 from .errors import UserError
 from .losses import summed_nll
 from .truncation import block_output, decoder_blocks
@@ -32,18 +33,6 @@ def calibration_blocks(tokens, block_size, max_tokens, what):
         raise UserError(f"{what} holds {min(len(tokens), max_tokens)} calibration tokens, fewer than one block of "
                         f"{block_size}: give more text, a larger --calibration_tokens or a smaller --block_size")
     return torch.from_numpy(np.asarray(tokens[: n_blocks * block_size], dtype=np.int64)).view(n_blocks, block_size)
-
-
-def distributed_world():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def all_reduce_sum(tensor):
-    if distributed_world()[1] > 1:
-        torch.distributed.all_reduce(tensor)
-    return tensor
 
 
 def block_input(args, kwargs):

@@ -11,6 +11,7 @@ import math
 import numpy as np
 import torch
 
+from .distributed import all_reduce_sum
 from .errors import UserError
 from .losses import IGNORE_INDEX, summed_nll
 from .models import plain_output_head
@@ -116,10 +117,7 @@ def stream_nll(model, tokens, block_size, stride, batch_size, device, autocast_d
 
 def reduce_sums(nll_sum, n_scored, device):
     """Add the per-rank sums across processes (no-op without torch.distributed)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return nll_sum, n_scored
-    sums = torch.tensor([nll_sum, float(n_scored)], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(sums)
+    sums = all_reduce_sum(torch.tensor([nll_sum, float(n_scored)], dtype=torch.float64, device=device))
     return sums[0].item(), int(sums[1].item())
 
 

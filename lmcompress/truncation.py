@@ -5,6 +5,7 @@ teacher's. The depth comes from ``config.num_hidden_layers``, never from countin
 gives the teacher back exactly.
 """
 import dataclasses
+import functools
 import os
 import re
 import shutil
@@ -162,6 +163,17 @@ def keep_inverse_layer_scaling(state, config, layers, block_list):
 
 
 def check_truncatable(config, flag="--teacher_name_or_path"):
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if getattr(config, "text_config", None) is not None:
+        classes = ", ".join(config.architectures or [config.model_type])
+        raise UserError(f"{flag}: a multimodal {config.model_type} model ({classes}) whose decoder is in its "
+                        "text_config; truncation takes a text-only decoder: give a text-only checkpoint of the family "
+                        "(for Gemma 3 a Gemma3ForCausalLM one, such as google/gemma-3-1b-pt)")
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise UserError(f"{flag}: a {config.model_type} model ({type(config).__name__}), which AutoModelForCausalLM "
+                        "does not load; truncation takes decoder language models (GPT-2, Llama, Qwen, Mistral, "
+                        "Gemma, Phi, OPT, GPT-NeoX, …)")
     if getattr(config, "num_hidden_layers", None) is None:
         raise UserError(f"{flag}: a {config.model_type} model without num_hidden_layers; truncation handles "
                         "decoder models (AutoModelForCausalLM) with their blocks in one ModuleList")
@@ -265,12 +277,18 @@ def measured_layers(args, data_args, config, tokenizer, tokenizer_name):
     return layers, record, teacher.cpu()
 
 
+def write_importance_chart(record, layers, folder):
+    from .importance import IMPORTANCE_FILE, plot_importance
+
+    plot_importance(record, layers, os.path.join(folder, IMPORTANCE_FILE))
+
+
 @entry_point
 def main(argv=None):
     from .data import DataArguments
     import torch
 
-    from .importance import IMPORTANCE_FILE, distributed_world, plot_importance
+    from .distributed import distributed_world
 
     args, data_args = parse_dataclass_args((TruncationArguments, DataArguments), "truncate.py", argv)
     if not args.teacher_name_or_path or not args.output_dir:
@@ -285,9 +303,7 @@ def main(argv=None):
     write_chart = None
     if args.strategy == "importance":
         layers, record["importance"], teacher = measured_layers(args, data_args, config, tokenizer, tokenizer_name)
-
-        def write_chart(folder):
-            plot_importance(record["importance"], layers, os.path.join(folder, IMPORTANCE_FILE))
+        write_chart = functools.partial(write_importance_chart, record["importance"], layers)
     else:
         layers = select_layers(args.strategy, config.num_hidden_layers, args.num_layers, args.layers)
         teacher = load_causal_lm(config, args.teacher_name_or_path, "--teacher_name_or_path")

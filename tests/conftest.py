@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny BPE tokenizer, a tiny GPT-2 config and text files, all made here, offline."""
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,18 @@ def write_config(path, **overrides):
 @pytest.fixture(scope="session")
 def tiny_config(tmp_path_factory):
     return write_config(tmp_path_factory.mktemp("config") / "tiny-gpt2.json")
+
+
+def free_port():
+    """A TCP port free now, for a torchrun rendezvous (tests run beside others on one machine)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+def torchrun(nproc=2):
+    """The command prefix that starts ``nproc`` local processes of a script."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", free_port()]
 
 
 def run(args, env=None, check=True, timeout=600, cwd=REPO):

@@ -5,22 +5,15 @@ cores, longer under load), cached afterwards in ~/.cache/torch_extensions (or TO
 """
 import json
 import math
-import socket
 from pathlib import Path
 
 import pytest
 
-from conftest import assert_one_line_error, run
+from conftest import assert_one_line_error, free_port, run
 
 MAX_STEPS = 8
 WARMUP_RATIO = 0.25  # 2 of the 8 steps
 LEARNING_RATE = 1e-3
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
 
 
 def launch_env(tokenizer_dir, tiny_config, corpus_files, output_dir, **overrides):

@@ -2,14 +2,13 @@
 2 layers, then distilled; torchrun on two processes; resume; and the one-line refusals of bad input."""
 import json
 import math
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO, assert_one_line_error, run, write_config
+from conftest import REPO, assert_one_line_error, run, torchrun, write_config
 from lmcompress import distillation
 from lmcompress.distillation import translate_legacy_flags
 from lmcompress.losses import kd_loss, lm_loss, next_token_targets
@@ -140,12 +139,6 @@ if rank == 0:
 '''
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def distil_args(teacher, student, corpus_files, output_dir, batch_size, steps):
     return ["--teacher_name_or_path", teacher, "--student_name_or_path", student, "--train_file", corpus_files["train"],
             "--block_size", BLOCK, "--per_device_train_batch_size", batch_size, "--max_steps", steps,
@@ -161,7 +154,7 @@ def test_two_ranks_match_one_rank_with_twice_the_batch_and_end_identical(teacher
     one.mkdir(), two.mkdir()
     env = {**SINGLE_THREAD, "PYTHONPATH": str(REPO)}
     run([helper, one, *distil_args(teacher, student, corpus_files, one / "out", 8, 1)], env=env)
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", free_port(), helper,
+    run([*torchrun(), helper,
          two, *distil_args(teacher, student, corpus_files, two / "out", 4, 3)], env=env)
     first_loss = lambda folder: next(e["loss"] for e in torch.load(folder / "log_history.pt") if "loss" in e)  # noqa
     assert first_loss(two) == pytest.approx(first_loss(one), abs=1e-5)

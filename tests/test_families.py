@@ -1,10 +1,16 @@
 """Truncation of decoder families other than GPT-2: logits equal the teacher run through only the kept blocks,
-and generation with the KV cache equals generation without it."""
+and generation with the KV cache equals generation without it; train.py, distiller.py and evaluate.py on them, on
+one rank and two."""
+import json
+import math
+
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, Gemma2Config, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig,
-                          OPTConfig, Phi3Config, Qwen2Config, Qwen3Config)
+from transformers import (AutoModelForCausalLM, AutoTokenizer, Gemma2Config, Gemma3Config, Gemma3TextConfig,
+                          GemmaConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig, Phi3Config,
+                          Qwen2Config, Qwen3Config)
 
+from conftest import assert_one_line_error, run, torchrun
 from lmcompress.errors import UserError
 from lmcompress.truncation import find_block_list, truncate_model
 
@@ -17,8 +23,11 @@ CONFIGS = {
     "qwen2": lambda: Qwen2Config(**SMALL),
     "qwen3": lambda: Qwen3Config(**SMALL, head_dim=8),
     "phi3": lambda: Phi3Config(**SMALL, pad_token_id=0),
+    "gemma": lambda: GemmaConfig(**SMALL, head_dim=8),
     "gemma2": lambda: Gemma2Config(**SMALL, head_dim=8, sliding_window=4,
                                    layer_types=["sliding_attention", "full_attention"] * 2),
+    "gemma3": lambda: Gemma3TextConfig(**SMALL, head_dim=8, sliding_window=4,
+                                       layer_types=["sliding_attention", "full_attention"] * 2),
     "gpt_neox": lambda: GPTNeoXConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                                       num_attention_heads=4, max_position_embeddings=64),
     "opt": lambda: OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=4, num_attention_heads=4,
@@ -69,7 +78,7 @@ def test_truncated_logits_equal_teacher_through_kept_blocks(name):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["llama", "opt", "gpt2-inverse-scaling"])
+@pytest.mark.parametrize("name", ["llama", "gemma3", "opt", "gpt2-inverse-scaling"])
 def test_generation_with_and_without_cache_agree(name):
     student = truncate_model(teacher_of(name), [0, 3])
     prompt = torch.randint(0, 64, (1, 5))
@@ -80,8 +89,9 @@ def test_generation_with_and_without_cache_agree(name):
     assert torch.equal(cached, uncached)
 
 
-def test_per_layer_config_lists_are_sliced():
-    student = truncate_model(teacher_of("gemma2"), [1, 2])
+@pytest.mark.parametrize("name", ["gemma2", "gemma3"])
+def test_per_layer_config_lists_are_sliced(name):
+    student = truncate_model(teacher_of(name), [1, 2])
     assert student.config.layer_types == ["full_attention", "sliding_attention"]
 
 
@@ -98,24 +108,34 @@ def test_model_without_one_block_list_is_refused_in_one_line():
         find_block_list(Odd())
 
 
-@pytest.fixture(scope="module")
-def llama_teacher(tmp_path_factory, tokenizer_dir):
-    from transformers import AutoTokenizer
+TEACHER_CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config}
 
-    folder = tmp_path_factory.mktemp("llama6")
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(LlamaConfig(**{**SMALL, "vocab_size": 512, "num_hidden_layers": 6})
-                                     ).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
-    return folder
+
+@pytest.fixture(scope="module")
+def family_teacher(tmp_path_factory, tokenizer_dir):
+    """``family_teacher(name)``: a folder with a random 6-block teacher of that family and the test tokenizer."""
+    folders = {}
+
+    def build(name):
+        if name not in folders:
+            folders[name] = tmp_path_factory.mktemp(f"{name}6")
+            torch.manual_seed(0)
+            config = TEACHER_CONFIGS[name](**{**SMALL, "vocab_size": 512, "num_hidden_layers": 6})
+            AutoModelForCausalLM.from_config(config).save_pretrained(folders[name])
+            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folders[name])
+        return folders[name]
+    return build
+
+
+@pytest.fixture(scope="module")
+def llama_teacher(family_teacher):
+    return family_teacher("llama")
 
 
 @pytest.mark.parametrize("strategy, extra, kept", [
     ("alt", [], [0, 2, 4]), ("distil", ["--num_layers", "3"], [0, 3, 5]), ("first", ["--num_layers", "2"], [0, 1]),
     ("last", ["--num_layers", "2"], [4, 5]), ("custom", ["--layers", "1,5"], [1, 5])])
 def test_truncate_py_on_a_llama_folder(llama_teacher, tmp_path, strategy, extra, kept):
-    from conftest import run
-
     result = run(["truncate.py", "--teacher_name_or_path", llama_teacher, "--strategy", strategy,
                   *extra, "--output_dir", tmp_path / "student"], check=False)
     assert result.returncode == 0, result.stderr
@@ -129,8 +149,6 @@ def test_truncate_py_on_a_llama_folder(llama_teacher, tmp_path, strategy, extra,
 
 
 def test_num_layers_beyond_the_depth_is_one_line(llama_teacher, tmp_path):
-    from conftest import assert_one_line_error, run
-
     result = run(["truncate.py", "--teacher_name_or_path", llama_teacher, "--strategy", "first",
                   "--num_layers", "7", "--output_dir", tmp_path / "student"], check=False)
     assert_one_line_error(result, "--num_layers 7", "6 layers")
@@ -160,26 +178,48 @@ def test_training_and_evaluation_losses_equal_the_models_own_loss(name):
     torch.testing.assert_close((nll_sum / n_scored).item(), expected.item(), rtol=1e-6, atol=1e-6)
 
 
-def test_a_truncated_llama_trains_distils_and_evaluates(llama_teacher, tokenizer_dir, corpus_files, tmp_path):
-    """train.py, distiller.py and evaluate.py on a Llama teacher and its truncated student: finite, falling loss."""
-    import json
-    import math
-
-    from conftest import run
-
-    student = tmp_path / "student"
-    run(["truncate.py", "--teacher_name_or_path", llama_teacher, "--strategy", "alt", "--output_dir", student])
+@pytest.mark.parametrize("family, nproc", [("llama", 1), ("llama", 2), ("qwen2", 2)])
+def test_a_truncated_student_trains_distils_and_evaluates(family_teacher, corpus_files, tmp_path, family, nproc):
+    """train.py, distiller.py and evaluate.py on a teacher and its truncated student, on one rank or two (torchrun,
+    gloo): finite, falling loss, and the same perplexity on two ranks as on one."""
+    teacher, student = family_teacher(family), tmp_path / "student"
+    run(["truncate.py", "--teacher_name_or_path", teacher, "--strategy", "alt", "--output_dir", student])
+    launch = torchrun(nproc) if nproc > 1 else []
     data = ["--train_file", corpus_files["train"], "--validation_file", corpus_files["validation"],
             "--block_size", "64"]
     common = [*data, "--per_device_train_batch_size", "4", "--learning_rate", "3e-3", "--max_steps", "12",
               "--logging_steps", "1", "--report_to", "none", "--eval_strategy", "no"]
-    run(["train.py", "--model_name_or_path", student, "--output_dir", tmp_path / "pretrain", *common])
-    run(["distiller.py", "--teacher_name_or_path", llama_teacher, "--student_name_or_path", student,
+    run([*launch, "train.py", "--model_name_or_path", student, "--output_dir", tmp_path / "pretrain", *common])
+    run([*launch, "distiller.py", "--teacher_name_or_path", teacher, "--student_name_or_path", student,
          "--output_dir", tmp_path / "distil", *common])
     for folder in ("pretrain", "distil"):
         history = json.loads((tmp_path / folder / "trainer_state.json").read_text())["log_history"]
         losses = [entry["loss"] for entry in history if "loss" in entry]
         assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0], (folder, losses)
-    run(["evaluate.py", "--model_name_or_path", tmp_path / "distil", *data, "--split", "validation",
-         "--output_file", tmp_path / "ppl.json"])
-    assert math.isfinite(json.loads((tmp_path / "ppl.json").read_text())["perplexity"])
+        trained = json.loads((tmp_path / folder / "train_results.json").read_text())
+        assert trained["train_tokens"] == 12 * 4 * nproc * 64, "every rank trained its own batches"
+
+    def perplexity(ranks):
+        output = tmp_path / f"ppl-{ranks}.json"
+        run([*(torchrun(ranks) if ranks > 1 else []), "evaluate.py", "--model_name_or_path", tmp_path / "distil",
+             *data, "--split", "validation", "--output_file", output])
+        return json.loads(output.read_text())
+
+    evaluated = {ranks: perplexity(ranks) for ranks in sorted({1, nproc})}
+    assert math.isfinite(evaluated[1]["perplexity"]) and evaluated[nproc]["world_size"] == nproc
+    assert evaluated[nproc]["n_tokens"] == evaluated[1]["n_tokens"]
+    assert evaluated[nproc]["perplexity"] == pytest.approx(evaluated[1]["perplexity"], rel=1e-5)
+
+
+def test_a_multimodal_gemma3_is_refused_in_one_line(tmp_path, capsys):
+    """Gemma 3's larger checkpoints are Gemma3ForConditionalGeneration, their decoder under config.text_config."""
+    from test_truncate import call_main
+
+    config = Gemma3Config(text_config=Gemma3TextConfig(**SMALL, head_dim=8),
+                          vision_config={"model_type": "siglip_vision_model", "hidden_size": 16,
+                                         "intermediate_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2})
+    config.architectures = ["Gemma3ForConditionalGeneration"]
+    config.save_pretrained(tmp_path / "gemma3")
+    result = call_main(["--teacher_name_or_path", tmp_path / "gemma3", "--output_dir", tmp_path / "student"], capsys)
+    assert_one_line_error(result, "Gemma3ForConditionalGeneration", "text_config", "Gemma3ForCausalLM")
+    assert not (tmp_path / "student").exists()

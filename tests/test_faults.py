@@ -6,7 +6,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, assert_one_line_error, run, train_command
+from conftest import REPO, assert_one_line_error, free_port, run, torchrun, train_command
 from lmcompress import faults
 from lmcompress.training import resolve_resume
 
@@ -29,17 +28,6 @@ HANG_BOUND_S = 120  # generous: only tells a prompt exit from a hang
 def run_one_thread(command, env=None, check=True):
     """conftest.run with one thread per process and any environment values as strings."""
     return run(command, env={key: str(value) for key, value in {**SINGLE_THREAD, **(env or {})}.items()}, check=check)
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def torchrun(nproc=2):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_port", str(free_port())]
 
 
 def weights(folder):

@@ -1,14 +1,13 @@
 """truncate.py --strategy importance: a block made an identity is ranked least important by every measure and
 dropped; the scores reach truncation.json and importance.png; short or missing calibration text is one line."""
 import json
-import socket
 import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
 
-from conftest import assert_one_line_error, run, write_config
+from conftest import assert_one_line_error, run, torchrun, write_config
 from lmcompress.importance import MEASURES, angular_scores, kept_blocks, measure_importance
 from lmcompress.models import load_config
 from test_truncate import call_main
@@ -119,21 +118,18 @@ def test_truncate_py_importance_drops_the_identity_and_writes_scores_and_chart(i
 
 @pytest.mark.parametrize("extra, message", [
     (["--train_file", "TRAIN", "--block_size", "64", "--calibration_tokens", "40"], "fewer than one block of 64"),
+    (["--train_file", "SHORT", "--block_size", "64"], "fewer than one block of 64"),
     ([], "--strategy importance needs calibration text"),
     (["--train_file", "TRAIN", "--importance", "loudness"], "--importance loudness"),
 ])
 def test_bad_calibration_is_one_line(identity_teacher, corpus_files, tmp_path, capsys, extra, message):
-    extra = [str(corpus_files["train"]) if item == "TRAIN" else item for item in extra]
+    short = tmp_path / "short.txt"
+    short.write_text("A calibration split of a few words.\n", encoding="utf-8")
+    extra = [{"TRAIN": str(corpus_files["train"]), "SHORT": str(short)}.get(item, item) for item in extra]
     result = call_main(["--teacher_name_or_path", identity_teacher, "--output_dir", tmp_path / "student",
                         "--strategy", "importance", *extra], capsys)
     assert_one_line_error(result, message)
     assert not (tmp_path / "student").exists()
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_ranks_split_the_calibration_and_agree_with_one(identity_teacher, corpus_files, tmp_path):
@@ -141,8 +137,7 @@ def test_two_ranks_split_the_calibration_and_agree_with_one(identity_teacher, co
             "--num_layers", "2", "--train_file", corpus_files["train"], "--block_size", "64",
             "--calibration_tokens", "1024"]
     run(["truncate.py", *args, "--output_dir", tmp_path / "one"])
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", free_port(),
-         "truncate.py", *args, "--output_dir", tmp_path / "two"])
+    run([*torchrun(), "truncate.py", *args, "--output_dir", tmp_path / "two"])
     one, two = (json.loads((tmp_path / folder / "truncation.json").read_text()) for folder in ("one", "two"))
     assert two["importance"]["calibration_tokens"] == 1024
     assert two["importance"]["scores"] == pytest.approx(one["importance"]["scores"], rel=1e-9)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from conftest import assert_one_line_error, run
+from conftest import assert_one_line_error, run, torchrun
 from lmcompress.perplexity import (IGNORE_INDEX, make_batch, scored_positions, window_spans,
                                    word_perplexity)
 
@@ -138,7 +138,7 @@ def test_smaller_stride_never_scores_worse(tmp_path, trained_model, corpus_files
 def test_one_and_two_processes_agree(tmp_path, trained_model, corpus_files):
     one = evaluate(trained_model, corpus_files["test"], tmp_path, "one", "--stride", "32")
     two = evaluate(trained_model, corpus_files["test"], tmp_path, "two", "--stride", "32",
-                   launcher=("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29611"))
+                   launcher=torchrun()[1:])
     assert two["world_size"] == 2 and two["n_tokens"] == one["n_tokens"]
     assert two["perplexity"] == pytest.approx(one["perplexity"], rel=1e-5)
 

@@ -1,5 +1,6 @@
 """reproduce.sh: the dry run of the paper scale, and the mini pipeline end to end at toy size, resumable."""
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -53,6 +54,29 @@ def test_rows_selects_a_subset(tmp_path):
     assert "alt-pretrain" not in result.stdout and "truncated/first" not in result.stdout
 
 
+def test_llama_writes_its_own_results_folder():
+    result = run(["bash", "reproduce.sh"], env={"ARCH": "llama", "SCALE": "mini", "DRY_RUN": "1"})
+    commands = result.stdout.splitlines()
+    assert any("lmcompress.mini" in line and "--arch llama" in line for line in commands)
+    assert all("outputs/reproduce-mini-llama/" in line for line in commands if "outputs/" in line)
+    assert "--output_root outputs/reproduce-mini-llama " in commands[-1]
+
+
+@pytest.mark.parametrize("rows, stages, absent", [
+    ("importance", ["truncate-importance", "importance-distil"], ["truncate-distil", "distil-kd-distil"]),
+    ("ft-kd", ["truncate-distil", "distil-kd-distil"], ["truncate-importance", "importance-distil"]),
+])
+def test_rows_run_only_the_stages_they_need(tmp_path, rows, stages, absent):
+    result = run(["bash", "reproduce.sh"], env={"SCALE": "mini", "DRY_RUN": "1", "ROWS": rows,
+                                                "OUTPUT_ROOT": tmp_path / "mini"})
+    folders = {"truncate-importance": "truncated/importance", "importance-distil": "importance/distil",
+               "truncate-distil": "truncated/distil", "distil-kd-distil": "distil-kd/distil"}
+    for stage in stages:
+        assert f"{tmp_path / 'mini' / folders[stage]} " in result.stdout, stage
+    for stage in absent:
+        assert f"{tmp_path / 'mini' / folders[stage]} " not in result.stdout, stage
+
+
 def test_unknown_arch_is_refused(tmp_path):
     result = run(["bash", "reproduce.sh"], env={"ARCH": "bert", "DRY_RUN": "1", "OUTPUT_ROOT": tmp_path / "x"},
                  check=False)
@@ -64,8 +88,8 @@ def test_unknown_scale_is_refused(tmp_path):
     assert result.returncode == 2 and "SCALE=huge" in result.stderr
 
 
-def start(root):
-    env = {**os.environ, "PYTHON": sys.executable, "SCALE": "mini", "OUTPUT_ROOT": str(root), **TOY}
+def start(root, **env):
+    env = {**os.environ, "PYTHON": sys.executable, "SCALE": "mini", "OUTPUT_ROOT": str(root), **TOY, **env}
     return subprocess.Popen(["bash", "reproduce.sh"], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
@@ -113,6 +137,23 @@ def test_mini_pipeline_resumes_after_a_kill_and_reuses_every_stage(tmp_path):
     with open(root / "results.csv", encoding="utf-8") as handle:
         assert {row["model"]: row["test_ppl"] for row in csv.DictReader(handle)} == {
             name: row["test_ppl"] for name, row in rows.items()}
+
+
+def test_a_llama_teacher_runs_the_mini_rows_offline(tmp_path):
+    """ARCH=llama: the teacher built and pre-trained here is a Llama; the importance row truncates and distils it."""
+    root = tmp_path / "mini-llama"
+    process = start(root, ARCH="llama", ROWS="teacher importance")
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-4000:]
+    with open(root / "results.csv", encoding="utf-8") as handle:
+        rows = {row["model"]: row for row in csv.DictReader(handle)}
+    assert list(rows) == ["teacher", "importance"]
+    assert all(1 < float(row["test_ppl"]) < float("inf") for row in rows.values())
+    assert json.loads((root / "teacher" / "finetune" / "config.json").read_text())["model_type"] == "llama"
+    truncation = json.loads((root / "truncated" / "importance" / "truncation.json").read_text())
+    assert len(truncation["layers"]) == 2 and len(truncation["importance"]["scores"]) == 4
+    assert rows["importance"]["layers"] == ",".join(map(str, truncation["layers"]))
+    assert not (root / "distil-kd").exists(), "rows not asked for are not run"
 
 
 def test_findings_are_computed_from_the_numbers():

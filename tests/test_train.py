@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_one_line_error, run, train_command
+from conftest import assert_one_line_error, run, torchrun, train_command
 
 
 def weights(folder):
@@ -47,8 +47,7 @@ def test_two_ranks_read_different_blocks_and_end_identical(tmp_path, tokenizer_d
     small_train.write_text(corpus_files["train"].read_text(encoding="utf-8")[:40_000], encoding="utf-8")
     files = {"train": small_train, "validation": corpus_files["validation"]}
     command = train_command(tmp_path / "out", tokenizer_dir, tiny_config, files, "--num_train_epochs", "2")
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29612",
-         "tests/rank_probe.py", *command[1:]])
+    run([*torchrun(), "tests/rank_probe.py", *command[1:]])
     ranks = [json.loads((tmp_path / "out" / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert ranks[0]["weights"] == ranks[1]["weights"], "DDP keeps the replicas identical"
     n_blocks = ranks[0]["n_blocks"]

@@ -154,6 +154,23 @@ def test_main_refuses_bad_layers_with_one_line(random_teacher, tmp_path, capsys,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("config, message", [
+    ({"model_type": "mystery", "num_hidden_layers": 4}, "model type `mystery`"),
+    ({"model_type": "t5", "vocab_size": 512, "d_model": 32, "num_layers": 4, "num_heads": 2, "d_kv": 16, "d_ff": 64},
+     "a t5 model (T5Config), which AutoModelForCausalLM does not load"),
+])
+def test_unknown_architectures_are_refused_in_one_line(tmp_path, tokenizer_dir, capsys, config, message):
+    from transformers import AutoTokenizer
+
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(teacher)
+    result = call_main(["--teacher_name_or_path", teacher, "--output_dir", tmp_path / "out"], capsys)
+    assert_one_line_error(result, f"--teacher_name_or_path {teacher}", message)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_pretrain_sh_trains_a_truncated_folder(random_teacher, corpus_files, tmp_path, capsys):
     student_dir = tmp_path / "gpt2-alt"
