@@ -45,7 +45,8 @@ def _from_pretrained(cls, name_or_path, flag, **kwargs):
     try:
         return cls.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError, KeyError) as err:
-        offline = " (offline: give a local folder)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        offline = (" (offline: give a local folder)" if os.environ.get("HF_HUB_OFFLINE")
+                   and not os.path.isdir(name_or_path) else "")
         raise UserError(f"{flag} {name_or_path}: cannot load{offline}: {first_line(err)}") from err
 
 

@@ -295,7 +295,7 @@ def main(argv=None):
         raise UserError("--teacher_name_or_path and --output_dir are required")
     check_output_folder(args.output_dir, args.overwrite_output_dir)
     config = load_config(None, args.teacher_name_or_path, model_flag="--teacher_name_or_path")
-    check_truncatable(config)
+    check_truncatable(config, f"--teacher_name_or_path {args.teacher_name_or_path}")
     tokenizer_name = args.tokenizer_name or args.teacher_name_or_path
     tokenizer = load_tokenizer(tokenizer_name, "--tokenizer_name" if args.tokenizer_name else "--teacher_name_or_path")
     record = {"teacher": args.teacher_name_or_path, "teacher_n_layer": config.num_hidden_layers,

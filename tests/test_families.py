@@ -178,7 +178,8 @@ def test_training_and_evaluation_losses_equal_the_models_own_loss(name):
     torch.testing.assert_close((nll_sum / n_scored).item(), expected.item(), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("family, nproc", [("llama", 1), ("llama", 2), ("qwen2", 2)])
+@pytest.mark.parametrize("family, nproc", [("llama", 1), pytest.param("llama", 2, marks=pytest.mark.slow),
+                                           pytest.param("qwen2", 2, marks=pytest.mark.slow)])
 def test_a_truncated_student_trains_distils_and_evaluates(family_teacher, corpus_files, tmp_path, family, nproc):
     """train.py, distiller.py and evaluate.py on a teacher and its truncated student, on one rank or two (torchrun,
     gloo): finite, falling loss, and the same perplexity on two ranks as on one."""
