@@ -58,7 +58,7 @@ def test_llama_writes_its_own_results_folder():
     result = run(["bash", "reproduce.sh"], env={"ARCH": "llama", "SCALE": "mini", "DRY_RUN": "1"})
     commands = result.stdout.splitlines()
     assert any("lmcompress.mini" in line and "--arch llama" in line for line in commands)
-    assert all("outputs/reproduce-mini-llama/" in line for line in commands if "outputs/" in line)
+    assert all("outputs/reproduce-mini-llama/" in line for line in commands[:-1] if "outputs/" in line)
     assert "--output_root outputs/reproduce-mini-llama " in commands[-1]
 
 
@@ -139,6 +139,7 @@ def test_mini_pipeline_resumes_after_a_kill_and_reuses_every_stage(tmp_path):
             name: row["test_ppl"] for name, row in rows.items()}
 
 
+@pytest.mark.slow
 def test_a_llama_teacher_runs_the_mini_rows_offline(tmp_path):
     """ARCH=llama: the teacher built and pre-trained here is a Llama; the importance row truncates and distils it."""
     root = tmp_path / "mini-llama"
