@@ -1,7 +1,6 @@
 """truncate.py --strategy importance: a block made an identity is ranked least important by every measure and
 dropped; the scores reach truncation.json and importance.png; short or missing calibration text is one line."""
 import json
-import sys
 
 import pytest
 import torch

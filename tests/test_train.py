@@ -1,7 +1,6 @@
 """train.py / train.sh / evaluate.sh end to end: training, ranks, resume, schedules and bad input."""
 import json
 import shutil
-import sys
 
 import pytest
 import torch
