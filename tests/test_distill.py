@@ -251,7 +251,7 @@ def weights_file(tmp_path, **config_overrides):
     ("hidden_sizes", "--alpha_cos 1.0: the teacher's hidden size 64 differs from the student's 32"),
     ("hidden_sizes_pkd", "--alpha_hidden 1.0: the teacher's hidden size 64 differs from the student's 32 and there "
                          "is no projection"),
-    ("uncapturable_attention", "--alpha_att/--alpha_val: BloomForCausalLM does not call its attention through"),
+    ("uncapturable_attention", "--alpha_att/--alpha_val: FalconForCausalLM does not call its attention through"),
     ("jsd_beta", "--jsd_beta 1.0"),
     ("divergence", "--divergence kl: choose from"),
     ("two_students", "exactly one"),
@@ -271,7 +271,7 @@ def test_bad_input_is_one_line_error(case, message, teacher, student, corpus_fil
         "weight_shapes": lambda: config() + ["--student_pretrained_weights", weights_file(tmp_path, n_embd=32)],
         "hidden_sizes": lambda: config(n_embd=32),
         "hidden_sizes_pkd": lambda: config(n_embd=32) + ["--alpha_cos", 0, "--alpha_hidden", 1],
-        "uncapturable_attention": lambda: ["--student_config", _bloom_config(tmp_path), "--alpha_att", 1],
+        "uncapturable_attention": lambda: ["--student_config", _falcon_config(tmp_path), "--alpha_att", 1],
         "jsd_beta": lambda: ["--student_name_or_path", student, "--divergence", "jsd", "--jsd_beta", 1],
         "divergence": lambda: ["--student_name_or_path", student, "--divergence", "kl"],
         "two_students": lambda: ["--student_name_or_path", student] + config(),
@@ -281,11 +281,11 @@ def test_bad_input_is_one_line_error(case, message, teacher, student, corpus_fil
     assert not (tmp_path / "out" / "config.json").exists()
 
 
-def _bloom_config(tmp_path):
+def _falcon_config(tmp_path):
     """A model whose attention is its own code, not transformers' AttentionInterface."""
-    path = tmp_path / "bloom.json"
-    path.write_text(json.dumps({"model_type": "bloom", "vocab_size": 512, "hidden_size": 64, "n_layer": 2,
-                                "n_head": 2}), encoding="utf-8")
+    path = tmp_path / "falcon.json"
+    path.write_text(json.dumps({"model_type": "falcon", "vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 2,
+                                "num_attention_heads": 2, "max_position_embeddings": 128}), encoding="utf-8")
     return path
 
 
@@ -397,7 +397,7 @@ def distance_to_teacher(teacher_dir, student_dirs, text_file, layer_map):
 def test_intermediate_terms_bring_the_student_closer_to_the_teacher_on_held_out_text(teacher, student, corpus_files,
                                                                                        tmp_path, capsys):
     """The same student, seed and steps with the LM loss alone, plus the hidden-state term, plus the attention term."""
-    runs = {"lm": [], "hidden": ["--alpha_hidden", 1], "attention": ["--alpha_att", 1]}
+    runs = {"lm": [], "hidden": ["--alpha_hidden", 10], "attention": ["--alpha_att", 1]}
     for name, extra in runs.items():
         argv = distil_args(teacher, student, corpus_files, tmp_path / name, 8, CLOSENESS_STEPS) + [
             "--alpha_ce", 0, "--alpha_cos", 0, "--logging_steps", CLOSENESS_STEPS, *extra]
@@ -405,5 +405,5 @@ def test_intermediate_terms_bring_the_student_closer_to_the_teacher_on_held_out_
     distances = distance_to_teacher(teacher, {name: tmp_path / name for name in runs}, corpus_files["test"],
                                     [(0, 0), (1, 2)])  # the student's truncation.json
     print(json.dumps(distances, indent=1))
-    assert distances["hidden"]["hidden"] < 0.8 * distances["lm"]["hidden"]
-    assert distances["attention"]["attention"] < 0.8 * distances["lm"]["attention"]
+    assert distances["hidden"]["hidden"] < 0.7 * distances["lm"]["hidden"]
+    assert distances["attention"]["attention"] < 0.7 * distances["lm"]["attention"]
