@@ -1,5 +1,6 @@
 """What distillation costs: one distillation step against one plain LM step of the same student, and the peak
-memory of the chunked KD loss against a naive one. Both baselines are measured in the same run.
+memory of the chunked KD loss and of the chunked attention-relation loss against naive ones. Every baseline is
+measured in the same run.
 
     .venv/bin/python -m bench.distill                     # GPT-2 small (12 × 768) → 6 layers, vocabulary 50257
     .venv/bin/python -m bench.distill --n_layer 4 --n_embd 256 --repeats 3    # quicker
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from lmcompress.distillation import DistillationArguments, loss_terms, weighted_sum
+from lmcompress import intermediate
 from lmcompress.losses import kd_loss, next_token_targets
 from lmcompress.truncation import select_layers, truncate_model
 
@@ -184,6 +186,50 @@ def benchmark_memory(cli, device):
             "base_mb": naive / 2**20, "memory": "allocated in loss", "tokens_per_second": None}
 
 
+def naive_relation_kl(teacher, student, real, query_mask, t_scale, s_scale, n_tokens):
+    """``relation_kl``'s arithmetic on all query positions at once, kept for the backward pass: the heads × T × T
+    distributions of the whole batch, as an eager attention map would hold them."""
+    (t_a, t_b), (s_a, s_b) = teacher, student
+    length = t_a.shape[2]
+    allowed = intermediate._allowed(0, length, real, length)
+    total = intermediate._chunk_kl(t_a, t_b, s_a, s_b, t_scale, s_scale, allowed, query_mask.to(s_a.dtype))
+    return total / (t_a.shape[1] * query_mask.sum())
+
+
+def benchmark_relation_memory(cli, device):
+    """The last-layer attention KL (the value relation is the same function of V and V), forward and backward."""
+    torch.manual_seed(0)
+    heads, head_dim = cli.relation_heads, cli.relation_head_dim
+    shape = (cli.relation_batch_size, heads, cli.relation_block_size, head_dim)
+    t_query, t_key = torch.randn(shape, device=device), torch.randn(shape, device=device)
+    s_query = torch.randn(shape, device=device, requires_grad=True)
+    s_key = torch.randn(shape, device=device, requires_grad=True)
+    real = torch.ones(shape[0], shape[2], dtype=torch.bool, device=device)
+    scale = head_dim ** -0.5
+
+    def memory(loss_fn):
+        def run():
+            loss_fn((t_query, t_key), (s_query, s_key), real, real, scale, scale, None).backward()
+            s_query.grad = s_key.grad = None
+
+        return statistics.median(peak_bytes(run, device) for _ in range(cli.repeats))
+
+    with torch.no_grad():
+        args = ((t_query, t_key), (s_query, s_key), real, real, scale, scale, None)
+        difference = (intermediate.relation_kl(*args) - naive_relation_kl(*args)).abs().item()
+    naive, chunked = memory(naive_relation_kl), memory(intermediate.relation_kl)
+    one_map = shape[0] * heads * shape[2] ** 2 * 4
+    print(f"attention-relation loss memory: batch {shape[0]}, {heads} heads × {head_dim}, T = {shape[2]}, float32, "
+          f"forward+backward (one heads × T × T float32 map = {one_map / 2**20:.0f} MiB)")
+    print(f"  naive (full T × T maps)   peak {naive / 2**20:8.0f} MiB")
+    print(f"  chunked relation_kl       peak {chunked / 2**20:8.0f} MiB (same value within {difference:.1e})")
+    print(f"  ratio {chunked / naive:.2f}")
+    return {"stage": f"(c'') attention-relation loss, {shape[0]}x{heads} heads x T={shape[2]}",
+            "baseline": "full T x T maps", "unit": "MiB", "ours": chunked / 2**20, "base": naive / 2**20,
+            "speedup": None, "ours_mb": chunked / 2**20, "base_mb": naive / 2**20, "memory": "allocated in loss",
+            "tokens_per_second": None}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.distill", description=__doc__.splitlines()[0])
     parser.add_argument("--n_layer", type=int, default=12, help="teacher depth")
@@ -194,13 +240,17 @@ def main(argv=None):
     parser.add_argument("--block_size", type=int, default=128)
     parser.add_argument("--memory_batch_size", type=int, default=4, help="rows of the KD-loss memory benchmark")
     parser.add_argument("--memory_block_size", type=int, default=256)
+    parser.add_argument("--relation_batch_size", type=int, default=2, help="rows of the relation-loss benchmark")
+    parser.add_argument("--relation_heads", type=int, default=12)
+    parser.add_argument("--relation_head_dim", type=int, default=64)
+    parser.add_argument("--relation_block_size", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=5)
     cli = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     step_row = benchmark_step(cli, device)
     memory_cli = argparse.Namespace(**{**vars(cli), "batch_size": cli.memory_batch_size,
                                        "block_size": cli.memory_block_size})
-    return [step_row, benchmark_memory(memory_cli, device)]
+    return [step_row, benchmark_memory(memory_cli, device), benchmark_relation_memory(cli, device)]
 
 
 if __name__ == "__main__":

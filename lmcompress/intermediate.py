@@ -187,6 +187,10 @@ def enable_capture(model, flag="--alpha_att/--alpha_val"):
     except (ValueError, AttributeError) as err:
         raise UserError(f"{flag}: the attention of {type(model).__name__} cannot be captured ({err}); set "
                         "--alpha_att 0 --alpha_val 0") from err
+    # Models whose attention does not go through AttentionInterface keep their own and only log a warning.
+    if model.config._attn_implementation != CAPTURE_IMPLEMENTATION:
+        raise UserError(f"{flag}: {type(model).__name__} does not call its attention through transformers' "
+                        "AttentionInterface, so its attention cannot be captured; set --alpha_att 0 --alpha_val 0")
     store = {}
     setattr(attention_module(decoder_blocks(model)[-1]), CAPTURE_ATTRIBUTE, store)
     return store

@@ -143,8 +143,10 @@ def test_zero3_inference_scores_like_the_trainer(zero3_model, corpus_files, tmp_
 
 
 def distil(teacher, student_config, tokenizer_dir, corpus_files, output_dir, ds_config):
+    """Three steps of distil_deepspeed.sh on two processes, with every loss term but the MSE of logits."""
     env = {"NPROC_PER_NODE": "2", "MASTER_PORT": free_port(), "DS_CONFIG": ds_config, "TEACHER": str(teacher),
-           "STUDENT_CONFIG": str(student_config), "TOKENIZER": str(tokenizer_dir),
+           "ALPHA_HIDDEN": "1", "ALPHA_ATT": "1", "ALPHA_VAL": "1", "STUDENT_CONFIG": str(student_config),
+           "TOKENIZER": str(tokenizer_dir),
            "TRAIN_FILE": str(corpus_files["train"]), "VALIDATION_FILE": str(corpus_files["validation"]),
            "OUTPUT_DIR": str(output_dir), "PRECISION": "fp32", "BLOCK_SIZE": "64", "BATCH_SIZE": "4",
            "EVAL_BATCH_SIZE": "8", "GRAD_ACC": "1", "LOGGING_STEPS": "1"}
@@ -160,7 +162,9 @@ def test_distil_deepspeed_trains_a_loadable_student(ds_config, zero2_model, tiny
     student = distil(zero2_model, tiny_config, tokenizer_dir, corpus_files, tmp_path / "student", ds_config)
     assert_loadable(student)
     first = log_history(student)[1]
-    assert all(math.isfinite(first[term]) for term in ("loss", "loss_ce", "loss_clm", "loss_cos"))
+    terms = {"loss_ce": 5, "loss_clm": 2, "loss_cos": 1, "loss_hidden": 1, "loss_att": 1, "loss_val": 1}
+    assert all(math.isfinite(first[term]) and first[term] > 0 for term in terms)
+    assert first["loss"] == pytest.approx(sum(weight * first[term] for term, weight in terms.items()), rel=1e-4)
     assert json.loads((student / "distillation.json").read_text())["teacher"] == str(zero2_model)
     assert math.isfinite(eval_loss(student))
 

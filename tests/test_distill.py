@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import REPO, assert_one_line_error, run, torchrun, write_config
-from lmcompress import distillation
+from lmcompress import distillation, intermediate
 from lmcompress.distillation import translate_legacy_flags
 from lmcompress.losses import kd_loss, lm_loss, next_token_targets
 
@@ -16,6 +16,7 @@ TEACHER_STEPS = 300
 STUDENT_STEPS = 20  # few steps: the teacher stays clearly stronger than either student
 BLOCK = 64
 SINGLE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models: threads only contend
+INTERMEDIATE = ["--alpha_hidden", "1", "--alpha_att", "1", "--alpha_val", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -146,17 +147,22 @@ def distil_args(teacher, student, corpus_files, output_dir, batch_size, steps):
 
 
 @pytest.mark.slow
-def test_two_ranks_match_one_rank_with_twice_the_batch_and_end_identical(teacher, student, corpus_files, tmp_path):
+@pytest.mark.parametrize("extra, new_terms", [
+    ([], []),
+    (["--alpha_hidden", 1, "--alpha_att", 1], ["loss_hidden", "loss_att"]),
+], ids=["logits", "intermediate"])
+def test_two_ranks_match_one_rank_with_twice_the_batch_and_end_identical(extra, new_terms, teacher, student,
+                                                                         corpus_files, tmp_path):
     helper = tmp_path / "helper.py"
     helper.write_text(TORCHRUN_HELPER, encoding="utf-8")
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     env = {**SINGLE_THREAD, "PYTHONPATH": str(REPO)}
-    run([helper, one, *distil_args(teacher, student, corpus_files, one / "out", 8, 1)], env=env)
-    run([*torchrun(), helper,
-         two, *distil_args(teacher, student, corpus_files, two / "out", 4, 3)], env=env)
-    first_loss = lambda folder: next(e["loss"] for e in torch.load(folder / "log_history.pt") if "loss" in e)  # noqa
-    assert first_loss(two) == pytest.approx(first_loss(one), abs=1e-5)
+    run([helper, one, *distil_args(teacher, student, corpus_files, one / "out", 8, 1), *extra], env=env)
+    run([*torchrun(), helper, two, *distil_args(teacher, student, corpus_files, two / "out", 4, 3), *extra], env=env)
+    first = lambda folder: next(e for e in torch.load(folder / "log_history.pt") if "loss" in e)  # noqa
+    for term in ["loss", "loss_ce", *new_terms]:
+        assert math.isfinite(first(two)[term]) and first(two)[term] == pytest.approx(first(one)[term], abs=1e-5)
     rank0, rank1 = torch.load(two / "rank0.pt"), torch.load(two / "rank1.pt")
     assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)
     name = "transformer.h.0.mlp.c_fc.weight"
@@ -234,6 +240,9 @@ def weights_file(tmp_path, **config_overrides):
     ("temperature_negative", "--temperature -2.0: must be above zero"),
     ("weight_shapes", "has shape"),
     ("hidden_sizes", "--alpha_cos 1.0: the teacher's hidden size 64 differs from the student's 32"),
+    ("hidden_sizes_pkd", "--alpha_hidden 1.0: the teacher's hidden size 64 differs from the student's 32 and there "
+                         "is no projection"),
+    ("uncapturable_attention", "--alpha_att/--alpha_val: FalconForCausalLM does not call its attention through"),
     ("jsd_beta", "--jsd_beta 1.0"),
     ("divergence", "--divergence kl: choose from"),
     ("two_students", "exactly one"),
@@ -252,6 +261,8 @@ def test_bad_input_is_one_line_error(case, message, teacher, student, corpus_fil
         "temperature_negative": lambda: ["--student_name_or_path", student, "--temperature", -2],
         "weight_shapes": lambda: config() + ["--student_pretrained_weights", weights_file(tmp_path, n_embd=32)],
         "hidden_sizes": lambda: config(n_embd=32),
+        "hidden_sizes_pkd": lambda: config(n_embd=32) + ["--alpha_cos", 0, "--alpha_hidden", 1],
+        "uncapturable_attention": lambda: ["--student_config", _falcon_config(tmp_path), "--alpha_att", 1],
         "jsd_beta": lambda: ["--student_name_or_path", student, "--divergence", "jsd", "--jsd_beta", 1],
         "divergence": lambda: ["--student_name_or_path", student, "--divergence", "kl"],
         "two_students": lambda: ["--student_name_or_path", student] + config(),
@@ -259,6 +270,14 @@ def test_bad_input_is_one_line_error(case, message, teacher, student, corpus_fil
     extra = extras[case]()
     assert_one_line_error(call_main(base + extra, capsys), message)
     assert not (tmp_path / "out" / "config.json").exists()
+
+
+def _falcon_config(tmp_path):
+    """A model whose attention is its own code, not transformers' AttentionInterface."""
+    path = tmp_path / "falcon.json"
+    path.write_text(json.dumps({"model_type": "falcon", "vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 2,
+                                "num_attention_heads": 2, "max_position_embeddings": 128}), encoding="utf-8")
+    return path
 
 
 def _llama_config(tmp_path):
@@ -311,9 +330,6 @@ def test_legacy_flags_are_translated():
     assert "--dump_path is now --output_dir" in notes
 
 
-INTERMEDIATE = ["--alpha_hidden", "1", "--alpha_att", "1", "--alpha_val", "1"]
-
-
 def test_intermediate_terms_are_logged_and_accumulate_like_one_larger_batch(teacher, student, corpus_files, tmp_path):
     results = {}
     for name, batch, accumulation in (("big", 8, 1), ("accumulated", 4, 2)):
@@ -335,3 +351,50 @@ def test_a_layer_map_naming_a_missing_block_is_one_line(teacher, student, corpus
                                                                                   "--layer_map", "0:0,1:7"]
     result = call_main(argv, capsys)
     assert_one_line_error(result, "--layer_map 0:0,1:7: the teacher has no block 7")
+
+
+CLOSENESS_STEPS = 30
+
+
+def block_states_and_last_attention(folder, blocks):
+    """Each decoder block's output and the last layer's attention probabilities on ``blocks``, computed eagerly."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    states = intermediate.BlockOutputs(model.transformer.h, range(len(model.transformer.h)))
+    with torch.no_grad():
+        attention = model(input_ids=blocks, output_attentions=True).attentions[-1]
+    return states.outputs, attention.double()
+
+
+def distance_to_teacher(teacher_dir, student_dirs, text_file, layer_map):
+    """On held-out text: the mean over mapped block pairs and tokens of ‖h_s − h_t‖ / ‖h_t‖, and the mean over
+    heads and query positions of KL(teacher ‖ student) of the last layer's attention."""
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(teacher_dir)(text_file.read_text(encoding="utf-8"))["input_ids"]
+    blocks = torch.tensor(ids[:len(ids) // BLOCK * BLOCK]).view(-1, BLOCK)
+    t_states, t_att = block_states_and_last_attention(teacher_dir, blocks)
+    result = {}
+    for name, folder in student_dirs.items():
+        s_states, s_att = block_states_and_last_attention(folder, blocks)
+        hidden = torch.stack([((s_states[s] - t_states[t]).norm(dim=-1) / t_states[t].norm(dim=-1)).mean()
+                              for s, t in layer_map]).mean().item()
+        attention = (t_att * (t_att.clamp_min(1e-30).log() - s_att.clamp_min(1e-30).log())).sum(-1).mean().item()
+        result[name] = {"hidden": hidden, "attention": attention}
+    return result
+
+
+def test_intermediate_terms_bring_the_student_closer_to_the_teacher_on_held_out_text(teacher, student, corpus_files,
+                                                                                       tmp_path, capsys):
+    """The same student, seed and steps with the LM loss alone, plus the hidden-state term, plus the attention term."""
+    runs = {"lm": [], "hidden": ["--alpha_hidden", 10], "attention": ["--alpha_att", 1]}
+    for name, extra in runs.items():
+        argv = distil_args(teacher, student, corpus_files, tmp_path / name, 8, CLOSENESS_STEPS) + [
+            "--alpha_ce", 0, "--alpha_cos", 0, "--logging_steps", CLOSENESS_STEPS, *extra]
+        assert call_main(argv, capsys).returncode == 0
+    distances = distance_to_teacher(teacher, {name: tmp_path / name for name in runs}, corpus_files["test"],
+                                    [(0, 0), (1, 2)])  # the student's truncation.json
+    print(json.dumps(distances, indent=1))
+    assert distances["hidden"]["hidden"] < 0.7 * distances["lm"]["hidden"]
+    assert distances["attention"]["attention"] < 0.7 * distances["lm"]["attention"]
