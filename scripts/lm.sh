@@ -15,6 +15,7 @@ SEED=${SEED:-42}
 PRECISION=${PRECISION:-}               # fp32 | fp16 | bf16 (default: bf16 on GPUs of compute capability ≥ 8.0, fp16 older, fp32 CPU)
 RESUME=${RESUME:-}                     # auto: continue from the newest complete checkpoint in OUTPUT_DIR, if any
 
+# shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 if [[ -n "$CONFIG" ]]; then MODEL_ARGS=(--config_name "$CONFIG" --tokenizer_name "${TOKENIZER:-$MODEL}")
