@@ -45,7 +45,8 @@ class TextSources:
 
     def describe(self):
         if self.dataset_name:
-            return f"{self.dataset_name}/{self.dataset_config_name}" if self.dataset_config_name else self.dataset_name
+            config = f" --dataset_config_name {self.dataset_config_name}" if self.dataset_config_name else ""
+            return f"--dataset_name {self.dataset_name}{config}"
         return ", ".join(str(path) for paths in self.files.values() for path in paths)
 
 
@@ -195,15 +196,16 @@ def load_hub_splits(sources):
     try:
         loaded = datasets.load_dataset(sources.dataset_name, sources.dataset_config_name)
     except Exception as err:  # datasets raises many types for a missing or unreachable dataset
-        offline = " (offline: the dataset must be in the local cache)" if os.environ.get("HF_DATASETS_OFFLINE") else ""
-        raise UserError(f"--dataset_name {sources.describe()}: cannot load{offline}: {first_line(err)}") from err
+        offline = (" (offline: the dataset must be in the local cache)" if os.environ.get("HF_DATASETS_OFFLINE")
+                   and not os.path.isdir(sources.dataset_name) else "")
+        raise UserError(f"{sources.describe()}: cannot load{offline}: {first_line(err)}") from err
     splits = {name: loaded[name] for name in SPLITS if name in loaded}
     if "train" in splits and "validation" not in splits:
         n_validation = int(len(splits["train"]) * sources.validation_split_percentage / 100)
         splits["validation"] = splits["train"].select(range(n_validation))
         splits["train"] = splits["train"].select(range(n_validation, len(splits["train"])))
     if not splits:
-        raise UserError(f"--dataset_name {sources.describe()}: no train, validation or test split "
+        raise UserError(f"{sources.describe()}: no train, validation or test split "
                         f"(it has: {', '.join(loaded) or 'none'})")
     return splits
 
@@ -215,7 +217,7 @@ def text_column(dataset, name):
     strings = [column for column, feature in dataset.features.items() if getattr(feature, "dtype", None) == "string"]
     if len(strings) == 1:
         return strings[0]
-    raise UserError(f"--dataset_name {name}: no 'text' column (columns: {', '.join(dataset.column_names)}); "
+    raise UserError(f"{name}: no 'text' column (columns: {', '.join(dataset.column_names)}); "
                     "save the dataset with its text in a column named text (datasets: rename_column)")
 
 
