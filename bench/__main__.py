@@ -1,17 +1,19 @@
 """`python -m bench` (`make bench`): every benchmark, each against a baseline rebuilt and measured in the same run,
-then one table. Sizes are chosen so that the whole run fits in 15 minutes on 2 CPU cores; each module also runs
-alone with its own flags (``python -m bench.distill --help``)."""
+then one table (the GPT-2-shapes rows have no baseline: the time and peak memory of each route at GPT-2's size).
+Sizes are chosen so that the whole run fits in 15 minutes on 2 CPU cores; each module also runs alone with its own
+flags (``python -m bench.distill --help``)."""
 import platform
 import time
 
 import torch
 
-from bench import distill, stages, tokenization
+from bench import distill, gpt2_shapes, stages, tokenization
 
 RUNS = [
     (tokenization, ["--copies", "2", "--repeats", "3"]),
     (stages, []),
     (distill, ["--n_layer", "6", "--n_embd", "256", "--batch_size", "4", "--block_size", "128", "--repeats", "3"]),
+    (gpt2_shapes, []),
 ]
 
 
@@ -31,10 +33,11 @@ def table(rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         ratio = f"{row['speedup']:.2f}x" if row["speedup"] is not None else "-"
+        base = f"{fmt(row['base'])} {row['unit']}" if row["base"] is not None else "-"
+        memory_ratio = f"{row['ours_mb'] / row['base_mb']:.2f}x" if row["base_mb"] else "-"
         lines.append("| " + " | ".join([
-            row["stage"], row["baseline"], f"{fmt(row['ours'])} {row['unit']}", f"{fmt(row['base'])} {row['unit']}",
-            ratio, fmt(row["ours_mb"], 0), fmt(row["base_mb"], 0),
-            f"{row['ours_mb'] / row['base_mb']:.2f}x ({row['memory']})", fmt(row["tokens_per_second"], 0)]) + " |")
+            row["stage"], row["baseline"], f"{fmt(row['ours'])} {row['unit']}", base, ratio, fmt(row["ours_mb"], 0),
+            fmt(row["base_mb"], 0), f"{memory_ratio} ({row['memory']})", fmt(row["tokens_per_second"], 0)]) + " |")
     return "\n".join(lines)
 
 

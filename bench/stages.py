@@ -38,14 +38,14 @@ ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELIS
 # ------------------------------------------------------------------------------------------------- the parent
 
 
-def run_side(name, spec):
-    """Run one side in a fresh process; its result (last stdout line, JSON) plus its peak RSS in MB."""
-    command = [sys.executable, "-m", "bench.stages", "--side", name, "--spec", json.dumps(spec)]
+def run_side(name, spec, module="bench.stages"):
+    """Run one side of ``module`` in a fresh process; its result (last stdout line, JSON) with its peak memory."""
+    command = [sys.executable, "-m", module, "--side", name, "--spec", json.dumps(spec)]
     process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **ENV}, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     out, err = process.communicate()
     if process.returncode:
-        raise SystemExit(f"bench.stages --side {name} failed:\n{err[-3000:]}")
+        raise SystemExit(f"{module} --side {name} failed:\n{err[-3000:]}")
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -293,7 +293,7 @@ def rows(results, cli):
         ours, base = sides["ours"], sides["baseline"]
         row = {"stage": labels[stage], "baseline": baselines[stage], "unit": ours["unit"],
                "ours": ours["figure"], "base": base["figure"], "speedup": base["seconds"] / ours["seconds"],
-               "ours_mb": ours["peak_mb"], "base_mb": base["peak_mb"], "memory": "process RSS",
+               "ours_mb": ours["peak_mb"], "base_mb": base["peak_mb"], "memory": ours["memory"],
                "tokens_per_second": ours["tokens_per_second"]}
         if "perplexity" in ours:
             row["note"] = (f"perplexity {ours['perplexity']:.6f} vs {base['perplexity']:.6f} "
@@ -324,12 +324,19 @@ def parser():
     return parser
 
 
-def child(name, spec):
-    result = SIDES[name](spec)
+def peak_memory():
+    """This process's peak: allocated GPU memory on a GPU, else resident memory, in MB, and which of the two."""
+    import torch
+
+    if torch.cuda.is_available():
+        return {"peak_mb": torch.cuda.max_memory_allocated() / 2**20, "memory": "GPU allocated"}
     # VmHWM: this process's own peak RSS (ru_maxrss would include the parent's size, carried across exec)
     status = Path("/proc/self/status").read_text()
-    result["peak_mb"] = int(status.split("VmHWM:")[1].split()[0]) / 1024
-    print(json.dumps(result), flush=True)
+    return {"peak_mb": int(status.split("VmHWM:")[1].split()[0]) / 1024, "memory": "process RSS"}
+
+
+def child(name, spec):
+    print(json.dumps({**SIDES[name](spec), **peak_memory()}), flush=True)
 
 
 def main(argv=None):

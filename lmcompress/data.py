@@ -34,6 +34,17 @@ class DataArguments:
     def has_data(self):
         return bool(self.dataset_dir or self.train_file or self.validation_file or self.test_file or self.dataset_name)
 
+    def describe(self):
+        """The data as the user named it, for messages."""
+        if self.dataset_dir:
+            return f"--dataset_dir {self.dataset_dir}"
+        if self.dataset_name:
+            config = f" --dataset_config_name {self.dataset_config_name}" if self.dataset_config_name else ""
+            return f"--dataset_name {self.dataset_name}{config}"
+        return " ".join(f"--{split}_file {path}" for split, path in
+                        (("train", self.train_file), ("validation", self.validation_file), ("test", self.test_file))
+                        if path)
+
 
 def cache_root():
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lmcompress" / "tokens"
@@ -62,6 +73,14 @@ def resolve_token_folder(data_args, tokenizer, tokenizer_name, main_process_firs
     with main_process_first():
         tokenize_to_folder(sources, tokenizer, tokenizer_name, folder, num_proc=data_args.preprocessing_num_workers)
     return folder
+
+
+def require_split(meta, split, data_args, flag=None):
+    """Refuse a split the data lacks before any model is loaded, naming the data as the user gave it."""
+    if split not in meta["splits"]:
+        chosen = f"{flag} {split}: " if flag else ""
+        raise UserError(f"{chosen}{data_args.describe()} has no '{split}' split (it has: {', '.join(meta['splits'])}); "
+                        f"give data with a {split} split" + (" or choose one of those" if flag else ""))
 
 
 def check_tokenizer(meta, tokenizer, what):

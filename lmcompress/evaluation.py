@@ -9,7 +9,7 @@ import torch
 
 from . import deepspeed_support
 from .cli import parse_dataclass_args
-from .data import DataArguments, check_vocabulary, choose_block_size, resolve_token_folder
+from .data import DataArguments, check_vocabulary, choose_block_size, require_split, resolve_token_folder
 from .distributed import COLLECTIVE_TIMEOUT_S, init_distributed, local_main_first
 from .errors import UserError, entry_point, require_writable_folder
 from .jsonio import write_json
@@ -114,6 +114,7 @@ def main(argv=None):
     folder = resolve_token_folder(data_args, tokenizer, tokenizer_name, local_main_first)
     meta = read_meta(folder)
     check_vocabulary(meta, config, str(folder))
+    require_split(meta, args.split, data_args, "--split")
     tokens = open_split(folder, args.split, "--split")
     if len(tokens) < 2:
         raise UserError(f"{folder}/{args.split}.bin: fewer than two tokens, nothing to score")

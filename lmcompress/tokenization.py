@@ -29,6 +29,7 @@ READ_BYTES = 1 << 20
 BATCH_CHARS = PIECE_CHARS
 SAFE_CUT = re.compile(r"(?<=\S)[ \n](?=\S)")
 SPLITS = ("train", "validation", "test")
+RECORDS_PER_BATCH = 1000
 
 
 @dataclasses.dataclass
@@ -44,7 +45,8 @@ class TextSources:
 
     def describe(self):
         if self.dataset_name:
-            return f"{self.dataset_name}/{self.dataset_config_name}" if self.dataset_config_name else self.dataset_name
+            config = f" --dataset_config_name {self.dataset_config_name}" if self.dataset_config_name else ""
+            return f"--dataset_name {self.dataset_name}{config}"
         return ", ".join(str(path) for paths in self.files.values() for path in paths)
 
 
@@ -168,18 +170,24 @@ def carve_validation(documents, budget_bytes):
 def hub_documents(sources, cleaner):
     """Yield ``(split, chunk_iterator)`` per document of a hub dataset.
 
-    Datasets stored one line per record (WikiText) are recognised by records that end with a newline; their
-    records are concatenated verbatim into one document per split instead of one document per line.
+    Datasets stored one line per record (WikiText) are recognised by records that each hold one line, newline
+    included; their records are concatenated verbatim into one document per split instead of one document per
+    line. Records are read from the memory-mapped Arrow table a batch at a time, never a whole split at once.
     """
     for split, dataset in load_hub_splits(sources).items():
-        column = text_column(dataset, sources.dataset_name)
+        column = text_column(dataset, sources.describe())
         if records_are_lines(dataset, column):
-            chunks = (record for record in dataset[column] if record)
+            chunks = (record for record in records(dataset, column) if record)
             yield split, (cleaned(chunks, cleaner) if cleaner else chunks)
             continue
-        for record in dataset[column]:
+        for record in records(dataset, column):
             if record:
                 yield split, (cleaned([record], cleaner) if cleaner else iter([record]))
+
+
+def records(dataset, column, batch_size=RECORDS_PER_BATCH):
+    for batch in dataset.select_columns([column]).iter(batch_size=batch_size):
+        yield from batch[column]
 
 
 def load_hub_splits(sources):
@@ -188,30 +196,34 @@ def load_hub_splits(sources):
     try:
         loaded = datasets.load_dataset(sources.dataset_name, sources.dataset_config_name)
     except Exception as err:  # datasets raises many types for a missing or unreachable dataset
-        offline = " (offline: the dataset must be in the local cache)" if os.environ.get("HF_DATASETS_OFFLINE") else ""
-        raise UserError(f"--dataset_name {sources.describe()}: cannot load{offline}: {first_line(err)}") from err
+        offline = (" (offline: the dataset must be in the local cache)" if os.environ.get("HF_DATASETS_OFFLINE")
+                   and not os.path.isdir(sources.dataset_name) else "")
+        raise UserError(f"{sources.describe()}: cannot load{offline}: {first_line(err)}") from err
     splits = {name: loaded[name] for name in SPLITS if name in loaded}
     if "train" in splits and "validation" not in splits:
         n_validation = int(len(splits["train"]) * sources.validation_split_percentage / 100)
         splits["validation"] = splits["train"].select(range(n_validation))
         splits["train"] = splits["train"].select(range(n_validation, len(splits["train"])))
     if not splits:
-        raise UserError(f"--dataset_name {sources.describe()}: no train, validation or test split")
+        raise UserError(f"{sources.describe()}: no train, validation or test split "
+                        f"(it has: {', '.join(loaded) or 'none'})")
     return splits
 
 
 def text_column(dataset, name):
+    """``text``, else the dataset's only string column."""
     if "text" in dataset.column_names:
         return "text"
-    for column, feature in dataset.features.items():
-        if getattr(feature, "dtype", None) == "string":
-            return column
-    raise UserError(f"--dataset_name {name}: no text column")
+    strings = [column for column, feature in dataset.features.items() if getattr(feature, "dtype", None) == "string"]
+    if len(strings) == 1:
+        return strings[0]
+    raise UserError(f"{name}: no 'text' column (columns: {', '.join(dataset.column_names)}); "
+                    "save the dataset with its text in a column named text (datasets: rename_column)")
 
 
 def records_are_lines(dataset, column, sample=1000):
-    records = [record for record in dataset.select(range(min(sample, len(dataset))))[column] if record]
-    return bool(records) and all(record.endswith("\n") for record in records)
+    lines = [record for record in records(dataset.select(range(min(sample, len(dataset)))), column) if record]
+    return bool(lines) and all(line.endswith("\n") and line.count("\n") == 1 for line in lines)
 
 
 # ---------------------------------------------------------------------------------------------------- encoding
@@ -296,9 +308,20 @@ def file_record(path):
     return {"path": str(path), "bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
 
 
+def folder_records(folder):
+    """Each file of a local dataset folder by size and modification time: an edited folder is a new job."""
+    files = sorted(path for path in Path(folder).rglob("*") if path.is_file()
+                   and not any(part.startswith(".") for part in path.relative_to(folder).parts))
+    return [{"path": str(path.relative_to(folder)), "bytes": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns}
+            for path in files]
+
+
 def describe_sources(sources):
     if sources.dataset_name:
-        return [{"dataset_name": sources.dataset_name, "dataset_config_name": sources.dataset_config_name}]
+        record = {"dataset_name": sources.dataset_name, "dataset_config_name": sources.dataset_config_name}
+        if os.path.isdir(sources.dataset_name):
+            record["files"] = folder_records(sources.dataset_name)
+        return [record]
     for split, paths in sources.files.items():
         for path in paths:
             require_file(path, f"--{split}_file")

@@ -16,7 +16,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import deepspeed_support, faults
 from .cli import parse_dataclass_args
-from .data import BlockDataset, DataArguments, check_vocabulary, choose_block_size, resolve_token_folder
+from .data import (BlockDataset, DataArguments, check_vocabulary, choose_block_size, require_split,
+                   resolve_token_folder)
 from .distributed import COLLECTIVE_TIMEOUT_S, local_main_first, start_cpu_process_group
 from .errors import UserError, entry_point, removed_on_failure, require_writable_folder
 from .jsonio import write_json
@@ -252,8 +253,7 @@ def prepare_data(data_args, tokenizer, tokenizer_name, config, what="the data"):
     folder = resolve_token_folder(data_args, tokenizer, tokenizer_name, local_main_first)
     meta = read_meta(folder)
     check_vocabulary(meta, config, what)
-    if "train" not in meta["splits"]:
-        raise UserError(f"{folder}: no train split to train on: give --train_file or a --dataset_dir with one")
+    require_split(meta, "train", data_args)
     train_dataset = BlockDataset(folder, "train", block_size)
     eval_tokens = open_split(folder, "validation") if "validation" in meta["splits"] else None
     if eval_tokens is not None and len(eval_tokens) < 2:
