@@ -107,13 +107,13 @@ class LMTrainer(Trainer):
         faults.use_resumable_tensorboard(self)
         self._staging_dir = None
 
-    def _run_epoch(self, *args, **kwargs):
-        # Resumed from a checkpoint at --max_steps, the Trainer would still run one step of the current epoch
-        # (it checks the step count only after a step) and save a checkpoint past the end.
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        # Resumed from a checkpoint at --max_steps, the Trainer would still take one step (it compares the step
+        # count with --max_steps only after a step) and save a checkpoint past the end: it gets no batch, and stops.
         if 0 < self.state.max_steps <= self.state.global_step:
             self.control.should_training_stop = True
-            return
-        super()._run_epoch(*args, **kwargs)
+            return [], None
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The mean next-token loss; for a plain output layer from the last hidden states through ``linear_cross_entropy``,
