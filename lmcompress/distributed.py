@@ -29,6 +29,12 @@ def init_distributed(timeout_s=COLLECTIVE_TIMEOUT_S):
     return rank, world_size, device
 
 
+def wait_for_everyone():
+    """Wait until every rank gets here (nothing to wait for in a single process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 @contextlib.contextmanager
 def local_main_first():
     """The body runs on each node's local rank 0 first (filling that node's cache), then on the other ranks

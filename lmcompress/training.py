@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import deepspeed_support, faults
 from .cli import parse_dataclass_args
@@ -90,7 +89,7 @@ class LMTrainer(Trainer):
     """Trainer whose evaluation is the token-weighted NLL over the whole validation stream, with perplexity.
 
     Its checkpoints are complete or absent, it stops at a non-finite loss (or skips the step) and on SIGTERM
-    saves a checkpoint and stops: see ``faults``.
+    saves a checkpoint and stops: see ``faults``. Register callbacks that ask for saves before ``checkpoints``.
     """
 
     loss_is_scaled_for_ga = True  # compute_loss normalises over the whole accumulated batch itself
@@ -102,10 +101,15 @@ class LMTrainer(Trainer):
         self.run_info = run_info or {}  # recorded in eval_results.json
         self.nonfinite_guard = faults.NonFiniteGuard(skip=self.args.skip_nonfinite)
         self.preemption = faults.PreemptionCallback()
-        self.add_callback(self.nonfinite_guard)
-        self.add_callback(self.preemption)
+        self.checkpoints = faults.StagedCheckpoints()
+        for callback in (self.nonfinite_guard, self.preemption, self.checkpoints):
+            self.add_callback(callback)
         faults.use_resumable_tensorboard(self)
-        self._staging_dir = None
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """``Trainer.train``, with a failed save in one line."""
+        with self.checkpoints.failed_save_reported(self.args):
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         # Resumed from a checkpoint at --max_steps, the Trainer would still take one step (it compares the step
@@ -159,33 +163,6 @@ class LMTrainer(Trainer):
         if "loss" in logs and self.nonfinite_guard.skipped:
             logs["nonfinite_skipped"] = self.nonfinite_guard.skipped
         super().log(logs, start_time)
-
-    def _get_output_dir(self, trial):
-        return self._staging_dir or super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model, trial):
-        """Every rank writes the checkpoint into one staging folder; once all are done, it is renamed into place."""
-        run_dir = super()._get_output_dir(trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        if self.args.should_save:
-            faults.remove_stale_staging(run_dir)
-        self.accelerator.wait_for_everyone()
-        self._staging_dir = faults.staging_root(run_dir, self.state.global_step)
-        staged, final = os.path.join(self._staging_dir, name), os.path.join(run_dir, name)
-        try:
-            with removed_on_failure(self._staging_dir, run_dir, save_failure_message(run_dir, name)):
-                super()._save_checkpoint(model, trial)
-        finally:
-            self._staging_dir = None
-        if self.state.best_model_checkpoint == staged:
-            self.state.best_model_checkpoint = final
-            if self.args.should_save:
-                self.state.save_to_json(os.path.join(staged, faults.TRAINER_STATE_NAME))
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            faults.commit_checkpoint(staged, final)
-            faults.remove_stale_staging(run_dir)
-            faults.rotate_checkpoints(run_dir, self.args.save_total_limit, final, self.state.best_model_checkpoint)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         if self.eval_tokens is None:
@@ -266,22 +243,10 @@ def prepare_data(data_args, tokenizer, tokenizer_name, config, what="the data"):
     return PreparedData(str(folder), block_size, train_dataset, eval_tokens)
 
 
-def save_failure_message(folder, what):
-    """The one line for a save into ``folder`` that the file system stopped (full disk...): what was kept."""
-
-    def message(cause):
-        last_checkpoint = faults.latest_complete_checkpoint(folder)
-        kept = f"the last complete checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was kept"
-        return (f"could not save {what} in {folder}: {cause}; {kept}; free space and re-run with "
-                "--resume_from_checkpoint auto")
-
-    return message
-
-
 def save_final_model(trainer, output_dir):
     """Save the model and tokenizer into a staging folder, then move each file into ``output_dir``."""
     staging = os.path.join(output_dir, ".final-staging")
-    with removed_on_failure(staging, output_dir, save_failure_message(output_dir, "the final model")):
+    with removed_on_failure(staging, output_dir, faults.save_failure_message(output_dir, "the final model")):
         trainer.save_model(staging)
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
