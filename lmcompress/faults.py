@@ -11,7 +11,7 @@ import signal
 import sys
 
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerState
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -272,29 +272,39 @@ class NonFiniteGuard(TrainerCallback):
 
 # ---- Logs that survive a resume ------------------------------------------------------------------------------
 
+def resumed_step(checkpoint):
+    """The step of the checkpoint a run resumes from, read from its trainer state (0 for a fresh run)."""
+    path = os.path.join(checkpoint, TRAINER_STATE_NAME) if isinstance(checkpoint, str) else None
+    if path is None or not os.path.isfile(path):
+        return 0
+    return TrainerState.load_from_json(path).global_step
+
+
 class ResumableTensorBoardCallback(TensorBoardCallback):
-    """TensorBoard events in ``logging_dir``; a resumed run purges the events that the interrupted run wrote
-    after the checkpoint it resumes from, so that every step appears once (TensorBoard hides earlier files'
-    events at or after ``purge_step``; those of the checkpoint's own step were logged before it was saved)."""
+    """TensorBoard events through training and the evaluation after it, all in one folder, from ``writer``."""
 
-    def __init__(self, logging_dir):
-        super().__init__()
-        self.logging_dir = logging_dir
-        self._purge_step = None
+    def __init__(self, writer):
+        super().__init__(tb_writer=writer)
+        self.writer = writer
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._purge_step = state.global_step + 1 if state.global_step else None  # the checkpoint's step, resumed
-        super().on_train_begin(args, state, control, **kwargs)
-
-    def _init_summary_writer(self, args):
-        self.tb_writer = self._SummaryWriter(log_dir=self.logging_dir, purge_step=self._purge_step)
+    def on_train_end(self, args, state, control, **kwargs):
+        # The base class would close the writer, and the evaluation after training open one in another folder.
+        if self.writer is not None:
+            self.writer.flush()
 
 
-def use_resumable_tensorboard(trainer):
-    """Swap the Trainer's TensorBoard callback (when ``report_to`` has it) for ``ResumableTensorBoardCallback``,
-    writing to ``$TENSORBOARD_LOGGING_DIR`` or else ``output_dir/runs``."""
-    if not any(isinstance(callback, TensorBoardCallback) for callback in trainer.callback_handler.callbacks):
+def use_resumable_tensorboard(trainer, resume_from_checkpoint):
+    """Swap the Trainer's TensorBoard callback (when ``report_to`` has it) for one writing to
+    ``$TENSORBOARD_LOGGING_DIR`` or else ``output_dir/runs``. Resumed, it purges the events that the interrupted
+    run wrote after the checkpoint, so that every step appears once (TensorBoard hides earlier files' events at or
+    after ``purge_step``; those of the checkpoint's own step were logged before it was saved)."""
+    if trainer.pop_callback(TensorBoardCallback) is None:
         return
-    trainer.remove_callback(TensorBoardCallback)
-    logging_dir = os.environ.get("TENSORBOARD_LOGGING_DIR") or os.path.join(trainer.args.output_dir, "runs")
-    trainer.add_callback(ResumableTensorBoardCallback(os.path.expanduser(logging_dir)))
+    writer = None
+    if trainer.is_world_process_zero():
+        from torch.utils.tensorboard import SummaryWriter
+
+        logging_dir = os.environ.get("TENSORBOARD_LOGGING_DIR") or os.path.join(trainer.args.output_dir, "runs")
+        step = resumed_step(resume_from_checkpoint)
+        writer = SummaryWriter(os.path.expanduser(logging_dir), purge_step=step + 1 if step else None)
+    trainer.add_callback(ResumableTensorBoardCallback(writer))

@@ -104,10 +104,10 @@ class LMTrainer(Trainer):
         self.checkpoints = faults.StagedCheckpoints()
         for callback in (self.nonfinite_guard, self.preemption, self.checkpoints):
             self.add_callback(callback)
-        faults.use_resumable_tensorboard(self)
 
     def train(self, resume_from_checkpoint=None, **kwargs):
-        """``Trainer.train``, with a failed save in one line."""
+        """``Trainer.train``, with TensorBoard set up for this run (resumed or not) and a failed save in one line."""
+        faults.use_resumable_tensorboard(self, resume_from_checkpoint)
         with self.checkpoints.failed_save_reported(self.args):
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
