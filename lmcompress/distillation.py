@@ -23,7 +23,7 @@ from .losses import DIVERGENCES, IGNORE_INDEX, cosine_loss, kd_loss, lm_loss, ms
 from .models import load_causal_lm, load_config, position_embeddings
 from .training import (LMTrainer, ProjectTrainingArguments, autocast_dtype, prepare_data,
                        prepare_run, train_and_evaluate)
-from .throughput import add_throughput_callback
+from .throughput import count_parameters, flops_per_token
 from .truncation import TRUNCATION_FILE
 from .vocab import load_tokenizer, tokenizer_fingerprint
 
@@ -148,6 +148,9 @@ class DistillationTrainer(LMTrainer):
         super().__init__(*args, **kwargs)
         self.distillation_args = distillation_args
         self.teacher = deepspeed_support.frozen_teacher(teacher, self.args, autocast_dtype(self.args))
+        # Each trained token also costs the teacher's forward pass (counted once the teacher is placed).
+        self.throughput.extra_flops = lambda: flops_per_token(teacher.config, count_parameters(teacher),
+                                                              self.block_size, training=False)
         self._term_sums, self._term_tokens = {}, 0
         self.taps = None
 
@@ -319,7 +322,6 @@ def build_trainer(argv=None):
                                   run_info={"block_size": data.block_size, "data": data.folder}, teacher=teacher,
                                   distillation_args=args)
     trainer.taps = taps if taps.active else None
-    add_throughput_callback(trainer, teacher=teacher)  # tokens/s and MFU (teacher forward counted) in every log
     return trainer, resume
 
 

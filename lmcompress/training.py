@@ -24,7 +24,7 @@ from .losses import IGNORE_INDEX, linear_cross_entropy
 from .models import is_trained_model_folder, load_causal_lm, load_config, n_positions, plain_output_head
 from .perplexity import perplexity_from, reduce_sums, stream_nll
 from .tokenfiles import open_split, read_meta
-from .throughput import add_throughput_callback, count_parameters
+from .throughput import ThroughputCallback, count_parameters
 from .vocab import load_tokenizer
 
 
@@ -102,7 +102,8 @@ class LMTrainer(Trainer):
         self.nonfinite_guard = faults.NonFiniteGuard(skip=self.args.skip_nonfinite)
         self.preemption = faults.PreemptionCallback()
         self.checkpoints = faults.StagedCheckpoints()
-        for callback in (self.nonfinite_guard, self.preemption, self.checkpoints):
+        self.throughput = ThroughputCallback(block_size, self.args.peak_tflops)
+        for callback in (self.nonfinite_guard, self.preemption, self.checkpoints, self.throughput):
             self.add_callback(callback)
 
     def train(self, resume_from_checkpoint=None, **kwargs):
@@ -162,6 +163,7 @@ class LMTrainer(Trainer):
     def log(self, logs, start_time=None):
         if "loss" in logs and self.nonfinite_guard.skipped:
             logs["nonfinite_skipped"] = self.nonfinite_guard.skipped
+        self.throughput.add_figures(self.args, self.state, logs)  # before any callback reads the logs
         super().log(logs, start_time)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
@@ -306,7 +308,6 @@ def build_trainer(argv=None):
                         data_collator=default_data_collator, processing_class=tokenizer,
                         eval_tokens=data.eval_tokens, block_size=data.block_size,
                         run_info={"block_size": data.block_size, "data": data.folder})
-    add_throughput_callback(trainer)  # tokens/s and MFU in every log (TensorBoard, stdout)
     return trainer, resume
 
 
