@@ -10,6 +10,7 @@ from datetime import timedelta
 
 import torch
 
+from . import coupling
 from .errors import UserError
 
 
@@ -31,12 +32,12 @@ def zero_stage(config):
     return int(config.get("zero_optimization", {}).get("stage", 0))
 
 
-def check_matches_flags(hf_deepspeed_config, path):
+def check_matches_flags(training_args):
     """Refuse values the config states that contradict the flags (the Trainer would raise deep inside train())."""
-    if hf_deepspeed_config.mismatches:
-        found = "; ".join(line.lstrip("- ") for line in hf_deepspeed_config.mismatches)
-        raise UserError(f"--deepspeed {path} contradicts the flags: {found}; set these to \"auto\" in the config "
-                        "or make them agree")
+    mismatches = coupling.deepspeed_mismatches(training_args)
+    if mismatches:
+        raise UserError(f"--deepspeed {training_args.deepspeed} contradicts the flags: {'; '.join(mismatches)}; set "
+                        "these to \"auto\" in the config or make them agree")
 
 
 def use_deepspeed_state_on_cpu(training_args):
@@ -119,6 +120,6 @@ def frozen_teacher(teacher, training_args, dtype):
     teacher.requires_grad_(False)
     if not is_deepspeed_zero3_enabled():
         return teacher.to(training_args.device, dtype=dtype).eval()
-    config = inference_config(training_args.hf_deepspeed_config.config, teacher.config.hidden_size,
+    config = inference_config(coupling.deepspeed_config(training_args), teacher.config.hidden_size,
                               training_args.per_device_train_batch_size, dtype)
     return zero3_inference(teacher, config)

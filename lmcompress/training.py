@@ -75,7 +75,7 @@ class ProjectTrainingArguments(TrainingArguments):
         except ValueError as err:
             raise UserError(" ".join(str(err).split())) from err
         if self.deepspeed:
-            deepspeed_support.check_matches_flags(self.hf_deepspeed_config, self.deepspeed)
+            deepspeed_support.check_matches_flags(self)
             if self.skip_nonfinite:
                 raise UserError("--skip_nonfinite does not work with --deepspeed (the DeepSpeed engine steps the "
                                 "optimizer itself); without it a non-finite loss stops the run")
