@@ -6,7 +6,6 @@ values from the flags. Inference has no Trainer, so ``inference_config`` fills t
 import copy
 import json
 import os
-from datetime import timedelta
 
 import torch
 
@@ -38,25 +37,6 @@ def check_matches_flags(training_args):
     if mismatches:
         raise UserError(f"--deepspeed {training_args.deepspeed} contradicts the flags: {'; '.join(mismatches)}; set "
                         "these to \"auto\" in the config or make them agree")
-
-
-def use_deepspeed_state_on_cpu(training_args):
-    """Set up accelerate's process state for DeepSpeed on CPU, which accelerate itself gets wrong.
-
-    Without a GPU, accelerate (1.15) picks no backend when DeepSpeed is asked for, so every rank believes it
-    is the only one: each trains on all the data and saves as the main process. Passing the gloo backend
-    explicitly and telling the Trainer to use that state fixes it. No effect on GPU machines.
-    """
-    if torch.cuda.is_available() or int(os.environ.get("LOCAL_RANK", -1)) == -1:
-        return
-    from accelerate import PartialState
-
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    try:
-        PartialState(backend="gloo", timeout=timedelta(seconds=training_args.ddp_timeout))
-    finally:
-        del os.environ["ACCELERATE_USE_DEEPSPEED"]
-    training_args.accelerator_config = {"use_configured_state": True}
 
 
 def _hidden_size_defaults(hidden_size):

@@ -15,13 +15,12 @@ import torch
 from transformers import default_data_collator
 
 from . import deepspeed_support, intermediate
-from .cli import parse_dataclass_args
 from .data import DataArguments
 from .errors import UserError, entry_point
 from .jsonio import read_json, write_json
 from .losses import DIVERGENCES, IGNORE_INDEX, cosine_loss, kd_loss, lm_loss, mse_loss
 from .models import load_causal_lm, load_config, position_embeddings
-from .training import (LMTrainer, ProjectTrainingArguments, autocast_dtype, prepare_data,
+from .training import (LMTrainer, ProjectTrainingArguments, autocast_dtype, parse_training_flags, prepare_data,
                        prepare_run, train_and_evaluate)
 from .throughput import count_parameters, flops_per_token
 from .truncation import TRUNCATION_FILE
@@ -291,7 +290,7 @@ def build_trainer(argv=None):
     if int(os.environ.get("RANK", "0")) == 0:
         for note in notes:
             print(f"distiller.py: note: {note}", file=sys.stderr)
-    args, data_args, training_args = parse_dataclass_args(
+    args, data_args, training_args = parse_training_flags(
         (DistillationArguments, DataArguments, ProjectTrainingArguments), "distiller.py", argv)
     resume = prepare_run(training_args)
     teacher_config = load_config(None, args.teacher_name_or_path, model_flag="--teacher_name_or_path")

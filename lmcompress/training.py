@@ -7,6 +7,7 @@ token-weighted evaluation with perplexity, output-folder safety and the legacy f
 import dataclasses
 import os
 import shutil
+import sys
 import time
 
 import torch
@@ -17,7 +18,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from . import deepspeed_support, faults
 from .cli import parse_dataclass_args
 from .data import BlockDataset, DataArguments, check_vocabulary, choose_block_size, resolve_token_folder
-from .distributed import COLLECTIVE_TIMEOUT_S, local_main_first, start_cpu_process_group
+from .distributed import COLLECTIVE_TIMEOUT_S, local_main_first, start_process_group
 from .errors import UserError, entry_point, removed_on_failure, require_writable_folder
 from .jsonio import write_json
 from .losses import IGNORE_INDEX, linear_cross_entropy
@@ -66,10 +67,8 @@ class ProjectTrainingArguments(TrainingArguments):
         if not torch.cuda.is_available() and not self.deepspeed:
             # Without this, accelerate leaves a torchrun job on CPU undistributed: every rank trains alone.
             self.use_cpu = True
-            start_cpu_process_group(self)
         if isinstance(self.deepspeed, str):
             deepspeed_support.read_config(self.deepspeed)
-            deepspeed_support.use_deepspeed_state_on_cpu(self)
         try:
             super().__post_init__()
         except ValueError as err:
@@ -290,9 +289,15 @@ def prepare_run(training_args):
     return resolve_resume(training_args)
 
 
+def parse_training_flags(dataclass_types, prog, argv=None):
+    """Start the process group of a multi-process job (``start_process_group``), then parse the flags."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return parse_dataclass_args(dataclass_types, prog, argv, defaults=start_process_group(argv, prog))
+
+
 def build_trainer(argv=None):
     """Parse train.py's flags and build its LMTrainer; returns ``(trainer, checkpoint_to_resume)``."""
-    model_args, data_args, training_args = parse_dataclass_args(
+    model_args, data_args, training_args = parse_training_flags(
         (ModelArguments, DataArguments, ProjectTrainingArguments), "train.py", argv)
     resume = prepare_run(training_args)
     tokenizer_name = model_args.tokenizer_name or model_args.model_name_or_path
