@@ -13,8 +13,9 @@ class ArgumentParser(_OneLineErrors, argparse.ArgumentParser):
     pass
 
 
-def parse_dataclass_args(dataclass_types, prog, argv=None):
-    """Parse flags into HuggingFace-style argument dataclasses; an unknown flag is a one-line error.
+def parse_dataclass_args(dataclass_types, prog, argv=None, defaults=None):
+    """Parse flags into HuggingFace-style argument dataclasses; an unknown flag is a one-line error. ``defaults``:
+    values for fields that the flags do not set.
 
     transformers is imported here, not at module level, so tools that only need ``ArgumentParser``
     (tokenize_datasets.py) start without it.
@@ -26,6 +27,7 @@ def parse_dataclass_args(dataclass_types, prog, argv=None):
 
     parser = DataclassArgumentParser(dataclass_types)
     parser.prog = prog
+    parser.set_defaults(**(defaults or {}))
     *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")

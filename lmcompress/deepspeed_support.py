@@ -6,10 +6,10 @@ values from the flags. Inference has no Trainer, so ``inference_config`` fills t
 import copy
 import json
 import os
-from datetime import timedelta
 
 import torch
 
+from . import coupling
 from .errors import UserError
 
 
@@ -31,31 +31,12 @@ def zero_stage(config):
     return int(config.get("zero_optimization", {}).get("stage", 0))
 
 
-def check_matches_flags(hf_deepspeed_config, path):
+def check_matches_flags(training_args):
     """Refuse values the config states that contradict the flags (the Trainer would raise deep inside train())."""
-    if hf_deepspeed_config.mismatches:
-        found = "; ".join(line.lstrip("- ") for line in hf_deepspeed_config.mismatches)
-        raise UserError(f"--deepspeed {path} contradicts the flags: {found}; set these to \"auto\" in the config "
-                        "or make them agree")
-
-
-def use_deepspeed_state_on_cpu(training_args):
-    """Set up accelerate's process state for DeepSpeed on CPU, which accelerate itself gets wrong.
-
-    Without a GPU, accelerate (1.15) picks no backend when DeepSpeed is asked for, so every rank believes it
-    is the only one: each trains on all the data and saves as the main process. Passing the gloo backend
-    explicitly and telling the Trainer to use that state fixes it. No effect on GPU machines.
-    """
-    if torch.cuda.is_available() or int(os.environ.get("LOCAL_RANK", -1)) == -1:
-        return
-    from accelerate import PartialState
-
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    try:
-        PartialState(backend="gloo", timeout=timedelta(seconds=training_args.ddp_timeout))
-    finally:
-        del os.environ["ACCELERATE_USE_DEEPSPEED"]
-    training_args.accelerator_config = {"use_configured_state": True}
+    mismatches = coupling.deepspeed_mismatches(training_args)
+    if mismatches:
+        raise UserError(f"--deepspeed {training_args.deepspeed} contradicts the flags: {'; '.join(mismatches)}; set "
+                        "these to \"auto\" in the config or make them agree")
 
 
 def _hidden_size_defaults(hidden_size):
@@ -119,6 +100,6 @@ def frozen_teacher(teacher, training_args, dtype):
     teacher.requires_grad_(False)
     if not is_deepspeed_zero3_enabled():
         return teacher.to(training_args.device, dtype=dtype).eval()
-    config = inference_config(training_args.hf_deepspeed_config.config, teacher.config.hidden_size,
+    config = inference_config(coupling.deepspeed_config(training_args), teacher.config.hidden_size,
                               training_args.per_device_train_batch_size, dtype)
     return zero3_inference(teacher, config)

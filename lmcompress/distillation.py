@@ -15,16 +15,15 @@ import torch
 from transformers import default_data_collator
 
 from . import deepspeed_support, intermediate
-from .cli import parse_dataclass_args
 from .data import DataArguments
 from .distributed import all_reduce_sum
 from .errors import UserError, entry_point
 from .jsonio import read_json, write_json
 from .losses import DIVERGENCES, IGNORE_INDEX, cosine_loss, kd_loss, lm_loss, mse_loss
 from .models import load_causal_lm, load_config, position_embeddings
-from .training import (LMTrainer, ProjectTrainingArguments, autocast_dtype, prepare_data,
+from .training import (LMTrainer, ProjectTrainingArguments, autocast_dtype, parse_training_flags, prepare_data,
                        prepare_run, train_and_evaluate)
-from .throughput import add_throughput_callback
+from .throughput import count_parameters, flops_per_token
 from .truncation import TRUNCATION_FILE
 from .vocab import load_tokenizer, tokenizer_fingerprint
 
@@ -149,6 +148,9 @@ class DistillationTrainer(LMTrainer):
         super().__init__(*args, **kwargs)
         self.distillation_args = distillation_args
         self.teacher = deepspeed_support.frozen_teacher(teacher, self.args, autocast_dtype(self.args))
+        # Each trained token also costs the teacher's forward pass (counted once the teacher is placed).
+        self.throughput.extra_flops = lambda: flops_per_token(teacher.config, count_parameters(teacher),
+                                                              self.block_size, training=False)
         self._term_sums, self._term_tokens = {}, 0
         self.taps = None
 
@@ -288,7 +290,7 @@ def build_trainer(argv=None):
     if int(os.environ.get("RANK", "0")) == 0:
         for note in notes:
             print(f"distiller.py: note: {note}", file=sys.stderr)
-    args, data_args, training_args = parse_dataclass_args(
+    args, data_args, training_args = parse_training_flags(
         (DistillationArguments, DataArguments, ProjectTrainingArguments), "distiller.py", argv)
     resume = prepare_run(training_args)
     teacher_config = load_config(None, args.teacher_name_or_path, model_flag="--teacher_name_or_path")
@@ -319,7 +321,6 @@ def build_trainer(argv=None):
                                   run_info={"block_size": data.block_size, "data": data.folder}, teacher=teacher,
                                   distillation_args=args)
     trainer.taps = taps if taps.active else None
-    add_throughput_callback(trainer, teacher=teacher)  # tokens/s and MFU (teacher forward counted) in every log
     return trainer, resume
 
 

@@ -11,6 +11,8 @@ from datetime import timedelta
 
 import torch
 
+from .cli import ArgumentParser
+
 COLLECTIVE_TIMEOUT_S = 600
 LONG_WAIT = timedelta(days=2)
 
@@ -43,6 +45,12 @@ def all_reduce_sum(tensor):
     return tensor
 
 
+def wait_for_everyone():
+    """Wait until every rank gets here (nothing to wait for in a single process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 @contextlib.contextmanager
 def local_main_first():
     """The body runs on each node's local rank 0 first (filling that node's cache), then on the other ranks
@@ -62,12 +70,31 @@ def local_main_first():
         torch.distributed.destroy_process_group(group)
 
 
-def start_cpu_process_group(training_args):
-    """Start a CPU torchrun job's gloo group with ``--ddp_timeout``: transformers (5.24) starts it without one,
-    so a rank that stopped answering would hold the others for torch's default 30 minutes."""
-    if int(os.environ.get("LOCAL_RANK", -1)) == -1:
-        return
+def start_process_group(argv, prog):
+    """The setup step of a torchrun/deepspeed job on CPU, before its training flags are parsed: start the gloo
+    process group with ``--ddp_timeout``; return the ``TrainingArguments`` defaults that make the Trainer use it.
+    Nothing to do on GPUs or in a single process.
+
+    Building ``TrainingArguments`` asks accelerate for the device, which starts the group: on CPU, accelerate (1.15)
+    would start it without the timeout (a rank that stopped answering would hold the others for torch's default
+    30 minutes) and, for DeepSpeed, with no backend at all (every rank would train alone on all the data). So the
+    two flags that decide it are read here first.
+    """
+    if torch.cuda.is_available() or int(os.environ.get("LOCAL_RANK", -1)) == -1:
+        return {}
     from accelerate import PartialState
 
-    PartialState(cpu=True, backend="gloo", timeout=timedelta(seconds=training_args.ddp_timeout))
-    training_args.accelerator_config = {"use_configured_state": True}
+    parser = ArgumentParser(prog=prog, add_help=False)
+    parser.add_argument("--ddp_timeout", type=int, default=COLLECTIVE_TIMEOUT_S)
+    parser.add_argument("--deepspeed")
+    flags, _ = parser.parse_known_args(argv)
+    timeout = timedelta(seconds=flags.ddp_timeout)
+    if flags.deepspeed:
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # how accelerate is told, as the Trainer does
+        try:
+            PartialState(backend="gloo", timeout=timeout)
+        finally:
+            del os.environ["ACCELERATE_USE_DEEPSPEED"]
+    else:
+        PartialState(cpu=True, backend="gloo", timeout=timeout)
+    return {"accelerator_config": {"use_configured_state": True}}

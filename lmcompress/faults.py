@@ -3,6 +3,7 @@
 Every decision that ends or changes a step is taken by all ranks together (one small all-reduce per step), so
 no rank leaves a collective that the others still wait in.
 """
+import contextlib
 import os
 import re
 import shutil
@@ -10,12 +11,14 @@ import signal
 import sys
 
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerState
 from transformers.integrations import TensorBoardCallback
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .atomic import STAGING_PREFIX, replace_folder
-from .errors import UserError
+from .distributed import wait_for_everyone
+from .errors import UserError, removed_on_failure
 
 # Written by the Trainer after the weights, optimizer and RNG states: a checkpoint without it was cut short
 # (by a version of this project that wrote checkpoints in place).
@@ -83,6 +86,95 @@ def remove_stale_staging(run_dir):
         for name in os.listdir(run_dir):
             if name.startswith(STAGING_PREFIX):
                 shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+
+
+def save_failure_message(folder, what):
+    """The one line for a save into ``folder`` that the file system stopped (full disk...): what was kept."""
+
+    def message(cause):
+        last_checkpoint = latest_complete_checkpoint(folder)
+        kept = f"the last complete checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was kept"
+        return (f"could not save {what} in {folder}: {cause}; {kept}; free space and re-run with "
+                "--resume_from_checkpoint auto")
+
+    return message
+
+
+class StagedCheckpoints(TrainerCallback):
+    """Checkpoints complete or absent: all ranks write ``checkpoint-N`` into one staging folder, renamed into place
+    once every rank is done; then the oldest beyond ``--save_total_limit`` go, never the newest nor the best.
+
+    The Trainer writes a checkpoint under ``args.output_dir`` as it is when it saves, and calls ``on_save`` once the
+    checkpoint is whole: from the end of a step that will save until then, ``args.output_dir`` is the staging
+    folder. Register this after every callback that may ask for a save at the end of a step.
+    """
+
+    def __init__(self):
+        self.run_dir = None  # the real output folder, while a save is staged
+        self.name = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.stage_if_saving(args, state, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.stage_if_saving(args, state, control)
+
+    def stage_if_saving(self, args, state, control):
+        self.unstage(args)
+        # Under --save_strategy best the Trainer decides whether to save only after evaluating.
+        if not (control.should_save or (control.should_evaluate and args.save_strategy == "best")):
+            return
+        if args.should_save:
+            remove_stale_staging(args.output_dir)
+        wait_for_everyone()
+        self.run_dir, self.name = args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        args.output_dir = staging_root(self.run_dir, state.global_step)
+
+    def unstage(self, args):
+        """Point ``args.output_dir`` back at the output folder; return the staging folder (None if none was set)."""
+        if self.run_dir is None:
+            return None
+        staging, args.output_dir, self.run_dir = args.output_dir, self.run_dir, None
+        return staging
+
+    def on_save(self, args, state, control, **kwargs):
+        run_dir = self.run_dir
+        staging = self.unstage(args)
+        if staging is None:
+            raise RuntimeError("the Trainer saved a checkpoint that was not staged: a callback registered after "
+                               "StagedCheckpoints asked for it")
+        staged, final = os.path.join(staging, self.name), os.path.join(run_dir, self.name)
+        if args.should_save:
+            if not os.path.isfile(os.path.join(staged, TRAINER_STATE_NAME)):
+                raise RuntimeError(f"the Trainer did not write {self.name} under args.output_dir ({staging}): this "
+                                   "transformers saves elsewhere; see the README's 'Coupling to transformers'")
+            torch.save(args, os.path.join(staged, TRAINING_ARGS_NAME))  # the Trainer saved the staging output_dir
+        if state.best_model_checkpoint == staged:
+            state.best_model_checkpoint = final
+            if args.should_save:
+                state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        wait_for_everyone()
+        if args.should_save:
+            commit_checkpoint(staged, final)
+            remove_stale_staging(run_dir)
+            rotate_checkpoints(run_dir, args.save_total_limit, final, state.best_model_checkpoint)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.unstage(args)
+
+    @contextlib.contextmanager
+    def failed_save_reported(self, args):
+        """Around ``train()``: a save that fails leaves no staging folder behind, and when the file system stopped
+        it (a full disk...) the failure is one line naming the checkpoint that was kept."""
+        try:
+            yield
+        except Exception:
+            run_dir = self.run_dir
+            staging = self.unstage(args)
+            if staging is None:
+                raise
+            with removed_on_failure(staging, run_dir, save_failure_message(run_dir, self.name)):
+                raise
 
 
 # ---- Agreement between ranks ---------------------------------------------------------------------------------
@@ -180,29 +272,39 @@ class NonFiniteGuard(TrainerCallback):
 
 # ---- Logs that survive a resume ------------------------------------------------------------------------------
 
+def resumed_step(checkpoint):
+    """The step of the checkpoint a run resumes from, read from its trainer state (0 for a fresh run)."""
+    path = os.path.join(checkpoint, TRAINER_STATE_NAME) if isinstance(checkpoint, str) else None
+    if path is None or not os.path.isfile(path):
+        return 0
+    return TrainerState.load_from_json(path).global_step
+
+
 class ResumableTensorBoardCallback(TensorBoardCallback):
-    """TensorBoard events in ``logging_dir``; a resumed run purges the events that the interrupted run wrote
-    after the checkpoint it resumes from, so that every step appears once (TensorBoard hides earlier files'
-    events at or after ``purge_step``; those of the checkpoint's own step were logged before it was saved)."""
+    """TensorBoard events through training and the evaluation after it, all in one folder, from ``writer``."""
 
-    def __init__(self, logging_dir):
-        super().__init__()
-        self.logging_dir = logging_dir
-        self._purge_step = None
+    def __init__(self, writer):
+        super().__init__(tb_writer=writer)
+        self.writer = writer
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._purge_step = state.global_step + 1 if state.global_step else None  # the checkpoint's step, resumed
-        super().on_train_begin(args, state, control, **kwargs)
-
-    def _init_summary_writer(self, args):
-        self.tb_writer = self._SummaryWriter(log_dir=self.logging_dir, purge_step=self._purge_step)
+    def on_train_end(self, args, state, control, **kwargs):
+        # The base class would close the writer, and the evaluation after training open one in another folder.
+        if self.writer is not None:
+            self.writer.flush()
 
 
-def use_resumable_tensorboard(trainer):
-    """Swap the Trainer's TensorBoard callback (when ``report_to`` has it) for ``ResumableTensorBoardCallback``,
-    writing to ``$TENSORBOARD_LOGGING_DIR`` or else ``output_dir/runs``."""
-    if not any(isinstance(callback, TensorBoardCallback) for callback in trainer.callback_handler.callbacks):
+def use_resumable_tensorboard(trainer, resume_from_checkpoint):
+    """Swap the Trainer's TensorBoard callback (when ``report_to`` has it) for one writing to
+    ``$TENSORBOARD_LOGGING_DIR`` or else ``output_dir/runs``. Resumed, it purges the events that the interrupted
+    run wrote after the checkpoint, so that every step appears once (TensorBoard hides earlier files' events at or
+    after ``purge_step``; those of the checkpoint's own step were logged before it was saved)."""
+    if trainer.pop_callback(TensorBoardCallback) is None:
         return
-    trainer.remove_callback(TensorBoardCallback)
-    logging_dir = os.environ.get("TENSORBOARD_LOGGING_DIR") or os.path.join(trainer.args.output_dir, "runs")
-    trainer.add_callback(ResumableTensorBoardCallback(os.path.expanduser(logging_dir)))
+    writer = None
+    if trainer.is_world_process_zero():
+        from torch.utils.tensorboard import SummaryWriter
+
+        logging_dir = os.environ.get("TENSORBOARD_LOGGING_DIR") or os.path.join(trainer.args.output_dir, "runs")
+        step = resumed_step(resume_from_checkpoint)
+        writer = SummaryWriter(os.path.expanduser(logging_dir), purge_step=step + 1 if step else None)
+    trainer.add_callback(ResumableTensorBoardCallback(writer))

@@ -59,10 +59,10 @@ def mfu(tokens_per_second, flops_token, peak_tflops, n_devices=1):
 
 
 class ThroughputCallback(TrainerCallback):
-    """Adds ``tokens_per_second`` (all ranks) and, when the peak is known, ``mfu`` to the Trainer's logs, so they
-    reach TensorBoard and stdout with the loss. ``extra_flops``: returns the FLOPs per token spent outside the
-    trained model (e.g. a distillation teacher's forward), called once the model is placed.
-    Measured between logging steps, on the host clock: no device synchronisation is added to the loop."""
+    """Measures ``tokens_per_second`` (all ranks) and, when the peak is known, ``mfu`` between logging steps, on the
+    host clock (no device synchronisation is added to the loop); ``add_figures`` puts them into a training log, which
+    the trainer calls before the callbacks (TensorBoard, stdout) see it. ``extra_flops``: returns the FLOPs per
+    token spent outside the trained model (e.g. a distillation teacher's forward), called once the model is placed."""
 
     def __init__(self, block_size, peak_tflops=None, extra_flops=None):
         self.block_size, self.peak_tflops, self.extra_flops = block_size, peak_tflops, extra_flops
@@ -80,8 +80,8 @@ class ThroughputCallback(TrainerCallback):
                 self.extra_flops_per_token = self.extra_flops()
         self._start, self._step = time.perf_counter(), state.global_step
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or self._start is None or "loss" not in logs or state.global_step <= self._step:
+    def add_figures(self, args, state, logs):
+        if self._start is None or "loss" not in logs or state.global_step <= self._step:
             return
         now = time.perf_counter()
         tokens = (state.global_step - self._step) * self.tokens_per_step(args)
@@ -105,14 +105,3 @@ def evaluation_throughput(model, block_size, n_tokens, seconds, peak_tflops=None
         fed_per_second = (n_fed or n_tokens) / max(seconds, 1e-9)
         result["mfu"] = round(mfu(fed_per_second, flops, peak, n_devices), 6)
     return result
-
-
-def add_throughput_callback(trainer, teacher=None):
-    """Put a ThroughputCallback first among ``trainer``'s callbacks, so that the TensorBoard and printing
-    callbacks see its figures; ``teacher``: a frozen model whose forward pass each training token also costs."""
-    extra = None
-    if teacher is not None:
-        extra = lambda: flops_per_token(teacher.config, count_parameters(teacher), trainer.block_size, training=False)
-    callback = ThroughputCallback(trainer.block_size, getattr(trainer.args, "peak_tflops", None), extra_flops=extra)
-    trainer.callback_handler.callbacks.insert(0, callback)
-    return callback

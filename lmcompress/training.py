@@ -7,25 +7,25 @@ token-weighted evaluation with perplexity, output-folder safety and the legacy f
 import dataclasses
 import os
 import shutil
+import sys
 import time
 
 import torch
 from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import deepspeed_support, faults
 from .cli import parse_dataclass_args
 from .data import (BlockDataset, DataArguments, check_vocabulary, choose_block_size, require_split,
                    resolve_token_folder)
-from .distributed import COLLECTIVE_TIMEOUT_S, local_main_first, start_cpu_process_group
+from .distributed import COLLECTIVE_TIMEOUT_S, local_main_first, start_process_group
 from .errors import UserError, entry_point, removed_on_failure, require_writable_folder
 from .jsonio import write_json
 from .losses import IGNORE_INDEX, summed_nll
 from .models import is_trained_model_folder, load_causal_lm, load_config, n_positions, plain_output_head
 from .perplexity import perplexity_from, reduce_sums, stream_nll
 from .tokenfiles import open_split, read_meta
-from .throughput import add_throughput_callback, count_parameters
+from .throughput import ThroughputCallback, count_parameters
 from .vocab import load_tokenizer
 
 
@@ -67,16 +67,14 @@ class ProjectTrainingArguments(TrainingArguments):
         if not torch.cuda.is_available() and not self.deepspeed:
             # Without this, accelerate leaves a torchrun job on CPU undistributed: every rank trains alone.
             self.use_cpu = True
-            start_cpu_process_group(self)
         if isinstance(self.deepspeed, str):
             deepspeed_support.read_config(self.deepspeed)
-            deepspeed_support.use_deepspeed_state_on_cpu(self)
         try:
             super().__post_init__()
         except ValueError as err:
             raise UserError(" ".join(str(err).split())) from err
         if self.deepspeed:
-            deepspeed_support.check_matches_flags(self.hf_deepspeed_config, self.deepspeed)
+            deepspeed_support.check_matches_flags(self)
             if self.skip_nonfinite:
                 raise UserError("--skip_nonfinite does not work with --deepspeed (the DeepSpeed engine steps the "
                                 "optimizer itself); without it a non-finite loss stops the run")
@@ -90,7 +88,7 @@ class LMTrainer(Trainer):
     """Trainer whose evaluation is the token-weighted NLL over the whole validation stream, with perplexity.
 
     Its checkpoints are complete or absent, it stops at a non-finite loss (or skips the step) and on SIGTERM
-    saves a checkpoint and stops: see ``faults``.
+    saves a checkpoint and stops: see ``faults``. Register callbacks that ask for saves before ``checkpoints``.
     """
 
     loss_is_scaled_for_ga = True  # compute_loss normalises over the whole accumulated batch itself
@@ -102,18 +100,24 @@ class LMTrainer(Trainer):
         self.run_info = run_info or {}  # recorded in eval_results.json
         self.nonfinite_guard = faults.NonFiniteGuard(skip=self.args.skip_nonfinite)
         self.preemption = faults.PreemptionCallback()
-        self.add_callback(self.nonfinite_guard)
-        self.add_callback(self.preemption)
-        faults.use_resumable_tensorboard(self)
-        self._staging_dir = None
+        self.checkpoints = faults.StagedCheckpoints()
+        self.throughput = ThroughputCallback(block_size, self.args.peak_tflops)
+        for callback in (self.nonfinite_guard, self.preemption, self.checkpoints, self.throughput):
+            self.add_callback(callback)
 
-    def _run_epoch(self, *args, **kwargs):
-        # Resumed from a checkpoint at --max_steps, the Trainer would still run one step of the current epoch
-        # (it checks the step count only after a step) and save a checkpoint past the end.
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """``Trainer.train``, with TensorBoard set up for this run (resumed or not) and a failed save in one line."""
+        faults.use_resumable_tensorboard(self, resume_from_checkpoint)
+        with self.checkpoints.failed_save_reported(self.args):
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        # Resumed from a checkpoint at --max_steps, the Trainer would still take one step (it compares the step
+        # count with --max_steps only after a step) and save a checkpoint past the end: it gets no batch, and stops.
         if 0 < self.state.max_steps <= self.state.global_step:
             self.control.should_training_stop = True
-            return
-        super()._run_epoch(*args, **kwargs)
+            return [], None
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The mean next-token loss; for a plain output layer from the last hidden states, so that the logits of the
@@ -157,34 +161,8 @@ class LMTrainer(Trainer):
     def log(self, logs, start_time=None):
         if "loss" in logs and self.nonfinite_guard.skipped:
             logs["nonfinite_skipped"] = self.nonfinite_guard.skipped
+        self.throughput.add_figures(self.args, self.state, logs)  # before any callback reads the logs
         super().log(logs, start_time)
-
-    def _get_output_dir(self, trial):
-        return self._staging_dir or super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model, trial):
-        """Every rank writes the checkpoint into one staging folder; once all are done, it is renamed into place."""
-        run_dir = super()._get_output_dir(trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        if self.args.should_save:
-            faults.remove_stale_staging(run_dir)
-        self.accelerator.wait_for_everyone()
-        self._staging_dir = faults.staging_root(run_dir, self.state.global_step)
-        staged, final = os.path.join(self._staging_dir, name), os.path.join(run_dir, name)
-        try:
-            with removed_on_failure(self._staging_dir, run_dir, save_failure_message(run_dir, name)):
-                super()._save_checkpoint(model, trial)
-        finally:
-            self._staging_dir = None
-        if self.state.best_model_checkpoint == staged:
-            self.state.best_model_checkpoint = final
-            if self.args.should_save:
-                self.state.save_to_json(os.path.join(staged, faults.TRAINER_STATE_NAME))
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            faults.commit_checkpoint(staged, final)
-            faults.remove_stale_staging(run_dir)
-            faults.rotate_checkpoints(run_dir, self.args.save_total_limit, final, self.state.best_model_checkpoint)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         if self.eval_tokens is None:
@@ -261,22 +239,10 @@ def prepare_data(data_args, tokenizer, tokenizer_name, config, what="the data"):
     return PreparedData(str(folder), block_size, train_dataset, eval_tokens)
 
 
-def save_failure_message(folder, what):
-    """The one line for a save into ``folder`` that the file system stopped (full disk...): what was kept."""
-
-    def message(cause):
-        last_checkpoint = faults.latest_complete_checkpoint(folder)
-        kept = f"the last complete checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was kept"
-        return (f"could not save {what} in {folder}: {cause}; {kept}; free space and re-run with "
-                "--resume_from_checkpoint auto")
-
-    return message
-
-
 def save_final_model(trainer, output_dir):
     """Save the model and tokenizer into a staging folder, then move each file into ``output_dir``."""
     staging = os.path.join(output_dir, ".final-staging")
-    with removed_on_failure(staging, output_dir, save_failure_message(output_dir, "the final model")):
+    with removed_on_failure(staging, output_dir, faults.save_failure_message(output_dir, "the final model")):
         trainer.save_model(staging)
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
@@ -318,9 +284,15 @@ def prepare_run(training_args):
     return resolve_resume(training_args)
 
 
+def parse_training_flags(dataclass_types, prog, argv=None):
+    """Start the process group of a multi-process job (``start_process_group``), then parse the flags."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return parse_dataclass_args(dataclass_types, prog, argv, defaults=start_process_group(argv, prog))
+
+
 def build_trainer(argv=None):
     """Parse train.py's flags and build its LMTrainer; returns ``(trainer, checkpoint_to_resume)``."""
-    model_args, data_args, training_args = parse_dataclass_args(
+    model_args, data_args, training_args = parse_training_flags(
         (ModelArguments, DataArguments, ProjectTrainingArguments), "train.py", argv)
     resume = prepare_run(training_args)
     tokenizer_name = model_args.tokenizer_name or model_args.model_name_or_path
@@ -336,7 +308,6 @@ def build_trainer(argv=None):
                         data_collator=default_data_collator, processing_class=tokenizer,
                         eval_tokens=data.eval_tokens, block_size=data.block_size,
                         run_info={"block_size": data.block_size, "data": data.folder})
-    add_throughput_callback(trainer)  # tokens/s and MFU in every log (TensorBoard, stdout)
     return trainer, resume
 
 

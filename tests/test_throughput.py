@@ -1,10 +1,12 @@
 """Throughput and MFU logging: the FLOPs formula, the MFU arithmetic, the callback's log."""
+import json
 import types
 
 import pytest
 import torch
 from transformers import GPT2Config
 
+from conftest import run, train_command
 from lmcompress.throughput import ThroughputCallback, evaluation_throughput, flops_per_token, mfu
 
 
@@ -34,12 +36,12 @@ def test_callback_logs_tokens_per_second_and_mfu_with_a_peak():
     callback._start -= 2.0  # two seconds ago
     state.global_step = 4
     logs = {"loss": 1.0}
-    callback.on_log(_args(), state, None, logs=logs)
+    callback.add_figures(_args(), state, logs)
     assert logs["tokens_per_second"] == pytest.approx(4 * 2 * 3 * 64 / 2.0, rel=0.05)
     expected = logs["tokens_per_second"] * flops_per_token(model.config, 1000, 64) / 1e9
     assert logs["mfu"] == pytest.approx(expected, rel=1e-3)
     eval_logs = {"eval_loss": 1.0}  # evaluation logs are left alone
-    callback.on_log(_args(), state, None, logs=eval_logs)
+    callback.add_figures(_args(), state, eval_logs)
     assert eval_logs == {"eval_loss": 1.0}
 
 
@@ -50,3 +52,17 @@ def test_no_mfu_without_a_known_peak(monkeypatch):
     result = evaluation_throughput(model, 64, n_tokens=1000, seconds=2.0)
     assert result == {"tokens_per_second": 500.0}
     assert evaluation_throughput(model, 64, 1000, 2.0, peak_tflops=1.0)["mfu"] > 0
+
+
+def test_train_py_logs_throughput_to_tensorboard_and_the_trainer_state(tmp_path, tokenizer_dir, tiny_config,
+                                                                         corpus_files):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    output_dir = tmp_path / "out"
+    run(train_command(output_dir, tokenizer_dir, tiny_config, corpus_files, "--max_steps", 2, "--logging_steps", 1,
+                      "--report_to", "tensorboard"))
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    assert [entry["tokens_per_second"] > 0 for entry in history if "loss" in entry] == [True, True]
+    events = EventAccumulator(str(output_dir / "runs"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("train/tokens_per_second")] == [1, 2]
