@@ -209,3 +209,23 @@ def test_a_model_folder_that_does_not_exist_says_so(tmp_path, corpus_files):
                   "--output_dir", tmp_path / "out", "--report_to", "none"], cwd=tmp_path, check=False)
     line = assert_one_line_error(result, missing)
     assert "Repo id" not in line and "truncate.py" in line, line
+
+
+def test_the_launch_scripts_take_the_dataset_by_name(tmp_path, wikitext, untrained_model):
+    """train.sh, distil.sh and evaluate.sh with DATASET_NAME / DATASET_CONFIG naming a hub-layout folder."""
+    folder, _ = wikitext
+    common = {"DATASET_NAME": str(folder), "DATASET_CONFIG": "wikitext-2-raw-v1", "BLOCK_SIZE": "32",
+              "NPROC_PER_NODE": "1", "PRECISION": "fp32", "LMCOMPRESS_CACHE": str(tmp_path / "cache"),
+              "OMP_NUM_THREADS": "1"}
+    steps = ["--max_steps", "2", "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none"]
+    run(["bash", "train.sh", *steps], env={**common, "MODEL": untrained_model, "OUTPUT_DIR": tmp_path / "train",
+                                           "BATCH_SIZE": "2", "GRAD_ACC": "1"})
+    assert math.isfinite(json.loads((tmp_path / "train" / "eval_results.json").read_text())["perplexity"])
+    student = write_config(tmp_path / "student.json", n_layer=1)
+    run(["bash", "distil.sh", *steps], env={**common, "TEACHER": untrained_model, "STUDENT_CONFIG": student,
+                                            "TOKENIZER": untrained_model, "OUTPUT_DIR": tmp_path / "distil",
+                                            "BATCH_SIZE": "2", "GRAD_ACC": "1"})
+    assert (tmp_path / "distil" / "model.safetensors").is_file()
+    run(["bash", "evaluate.sh"], env={**common, "MODEL": tmp_path / "distil", "OUTPUT_FILE": tmp_path / "ppl.json"})
+    result = json.loads((tmp_path / "ppl.json").read_text())
+    assert result["split"] == "test" and math.isfinite(result["perplexity"])
