@@ -20,7 +20,6 @@ IGNORE_INDEX = -100
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 CHUNK_ELEMENTS = 2 ** 22  # 16 MiB of float32 per tensor per chunk
 GPU_CHUNK_ELEMENTS = 2 ** 25  # 128 MiB
-LOSS_ONLY_CPU_FACTOR = 16
 
 
 def next_token_targets(labels):
@@ -145,10 +144,6 @@ def summed_nll(inputs, targets, weight=None):
     wanted = torch.is_grad_enabled() and (inputs.requires_grad or (weight is not None and weight.requires_grad))
     if wanted:
         return _NextTokenNLL.apply(inputs, weight, targets, chunk)
-    if inputs.device.type == "cpu":
-        # Loss only, no gradient buffers: larger chunks read the output matrix less often (measured on CPU:
-        # evaluation 2x slower at the training chunk size; GPU chunks are large already).
-        chunk *= LOSS_ONLY_CPU_FACTOR
     return _nll_chunks(inputs, weight, targets, chunk)[0]
 
 
