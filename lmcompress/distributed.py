@@ -51,6 +51,14 @@ def wait_for_everyone():
         torch.distributed.barrier()
 
 
+def end_process_group():
+    """Leave the process group together: a rank that tears gloo down while another still works on its last
+    lines (rank 0 writing the result) can abort at exit ("terminate called without an active exception")."""
+    if distributed_world()[1] > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 @contextlib.contextmanager
 def local_main_first():
     """The body runs on each node's local rank 0 first (filling that node's cache), then on the other ranks

@@ -10,7 +10,7 @@ import torch
 from . import deepspeed_support
 from .cli import parse_dataclass_args
 from .data import DataArguments, check_vocabulary, choose_block_size, require_split, resolve_token_folder
-from .distributed import COLLECTIVE_TIMEOUT_S, init_distributed, local_main_first
+from .distributed import COLLECTIVE_TIMEOUT_S, end_process_group, init_distributed, local_main_first
 from .errors import UserError, entry_point, require_writable_folder
 from .jsonio import write_json
 from .models import load_causal_lm, load_config, n_positions
@@ -145,5 +145,4 @@ def main(argv=None):
         speed = f"  {result['tokens_per_second']:,.0f} tokens/s"
         speed += f"  MFU {result['mfu']:.1%}" if "mfu" in result else ""
         print(f"perplexity {perplexity:.3f}  loss {loss:.5f}  over {n_scored:,} tokens{word}{speed}  → {output_file}")
-    if world_size > 1:
-        torch.distributed.destroy_process_group()
+    end_process_group()

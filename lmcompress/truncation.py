@@ -288,9 +288,7 @@ def write_importance_chart(record, layers, folder):
 @entry_point
 def main(argv=None):
     from .data import DataArguments
-    import torch
-
-    from .distributed import distributed_world
+    from .distributed import distributed_world, end_process_group
 
     args, data_args = parse_dataclass_args((TruncationArguments, DataArguments), "truncate.py", argv)
     if not args.teacher_name_or_path or not args.output_dir:
@@ -310,11 +308,9 @@ def main(argv=None):
         layers = select_layers(args.strategy, config.num_hidden_layers, args.num_layers, args.layers)
         teacher = load_causal_lm(config, args.teacher_name_or_path, "--teacher_name_or_path")
     record["layers"] = layers
-    rank, world_size = distributed_world()
+    rank = distributed_world()[0]
     if rank == 0:
         save_student(truncate_model(teacher, layers), tokenizer, record, args.output_dir, write_chart)
         print(f"{args.output_dir}: {len(layers)} of {config.num_hidden_layers} layers ({args.strategy}): "
               f"{','.join(map(str, layers))}")
-    if world_size > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    end_process_group()
