@@ -98,8 +98,14 @@ class DistillationArguments:
             if value < 0:
                 raise UserError(f"--{name} {value}: the loss weights must be zero or positive")
         if not any(self.alphas().values()):
-            raise UserError("all loss weights are zero: set at least one of --alpha_ce, --alpha_clm, --alpha_cos, "
-                            "--alpha_mse above zero")
+            raise UserError("all loss weights are zero: set at least one of "
+                            + ", ".join(f"--{name}" for name in self.alphas()) + " above zero")
+        if self.layer_map and not self.alpha_hidden:
+            raise UserError(f"--layer_map {self.layer_map}: only --alpha_hidden uses a layer map; set --alpha_hidden "
+                            "above zero or leave --layer_map out")
+        if self.num_relation_heads is not None and not (self.alpha_att or self.alpha_val):
+            raise UserError(f"--num_relation_heads {self.num_relation_heads}: only --alpha_att and --alpha_val use "
+                            "relation heads; set one of them above zero or leave --num_relation_heads out")
         if not self.temperature > 0:
             raise UserError(f"--temperature {self.temperature}: must be above zero")
         if self.divergence not in DIVERGENCES:
@@ -249,6 +255,17 @@ def check_compatible(args, teacher_config, student_config, teacher_tokenizer, st
                         "--alpha_cos 0")
 
 
+def check_intermediate_shapes(args, teacher_config, student_config):
+    """The intermediate terms compare the two models' hidden states and attention heads as they are."""
+    if args.alpha_hidden and teacher_config.hidden_size != student_config.hidden_size:
+        raise UserError(f"--alpha_hidden {args.alpha_hidden}: the teacher's hidden size {teacher_config.hidden_size} "
+                        f"differs from the student's {student_config.hidden_size} and there is no projection: set "
+                        "--alpha_hidden 0")
+    if args.alpha_att or args.alpha_val:
+        intermediate.common_relation_heads(intermediate.config_heads(teacher_config),
+                                           intermediate.config_heads(student_config), args.num_relation_heads)
+
+
 def load_student(args, config):
     if args.student_name_or_path:
         return load_causal_lm(config, args.student_name_or_path, "--student_name_or_path")
@@ -303,10 +320,7 @@ def build_trainer(argv=None):
     teacher_tokenizer = (tokenizer if tokenizer_name == args.teacher_name_or_path else
                          load_tokenizer(args.teacher_name_or_path, "--teacher_name_or_path"))
     check_compatible(args, teacher_config, student_config, teacher_tokenizer, tokenizer)
-    if args.alpha_hidden and teacher_config.hidden_size != student_config.hidden_size:
-        raise UserError(f"--alpha_hidden {args.alpha_hidden}: the teacher's hidden size {teacher_config.hidden_size} "
-                        f"differs from the student's {student_config.hidden_size} and there is no projection: set "
-                        "--alpha_hidden 0")
+    check_intermediate_shapes(args, teacher_config, student_config)
     student = load_student(args, student_config)
     if args.freeze_pos_embs:
         freeze_position_embeddings(student)
@@ -328,7 +342,11 @@ def build_trainer(argv=None):
 def main(argv=None):
     trainer, resume = build_trainer(argv)
     if trainer.is_world_process_zero():
-        os.makedirs(trainer.args.output_dir, exist_ok=True)
-        write_json(os.path.join(trainer.args.output_dir, DISTILLATION_FILE),
-                   distillation_record(trainer.distillation_args))
+        output_dir = trainer.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        record = distillation_record(trainer.distillation_args)
+        write_json(os.path.join(output_dir, DISTILLATION_FILE), record)
+        # The distilled student keeps its block map, so distilling it again (while fine-tuning) maps the same way.
+        if "student_truncation" in record:
+            write_json(os.path.join(output_dir, TRUNCATION_FILE), record["student_truncation"])
     train_and_evaluate(trainer, resume)

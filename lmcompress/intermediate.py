@@ -5,6 +5,7 @@ that records its queries, keys and values and then calls SDPA; the attention and
 recomputed from those, a chunk of query positions at a time, so no heads×T×T map of the whole batch is held.
 """
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -124,14 +125,16 @@ def _chunk_kl(t_query, t_key, s_query, s_key, t_scale, s_scale, allowed, query_r
     return (kl * query_real[:, None, :]).sum()
 
 
-def relation_kl(teacher, student, real, query_mask, t_scale, s_scale, n_tokens, chunk=QUERY_CHUNK):
+def relation_kl(teacher, student, real, query_mask, t_scale, s_scale, n_tokens, chunk=None):
     """Σ_heads Σ_real queries KL(teacher ‖ student) of causal softmax(a·bᵀ·scale), over heads, per real token.
 
     ``teacher``/``student`` are (a, b) pairs of (B, R, T, d) tensors with the same R; ``real`` marks real keys,
-    ``query_mask`` the positions that count (those of the other loss terms).
+    ``query_mask`` the positions that count (those of the other loss terms); ``chunk`` query positions at a time
+    (default ``QUERY_CHUNK``).
     """
     (t_a, t_b), (s_a, s_b) = teacher, student
     length, heads = t_a.shape[2], t_a.shape[1]
+    chunk = chunk or QUERY_CHUNK
     total = 0
     for start in range(0, length, chunk):
         stop = min(start + chunk, length)
@@ -144,13 +147,34 @@ def relation_kl(teacher, student, real, query_mask, t_scale, s_scale, n_tokens, 
     return total / (heads * torch.as_tensor(count, dtype=total.dtype, device=total.device).clamp_min(1))
 
 
+def common_relation_heads(teacher_layout, student_layout, n_relation_heads):
+    """The relation head count for ``(heads, head size)`` layouts: the models' own when they agree, else
+    ``--num_relation_heads``, which must divide both models' heads × head size."""
+    (t_heads, t_size), (s_heads, s_size) = teacher_layout, student_layout
+    if n_relation_heads is None:
+        if t_heads != s_heads:
+            raise UserError(f"the teacher's last layer has {t_heads} attention heads and the student's {s_heads}: "
+                            f"give --num_relation_heads (dividing both {t_heads * t_size} and {s_heads * s_size}) "
+                            "to regroup them")
+        return t_heads
+    for model, width in (("teacher", t_heads * t_size), ("student", s_heads * s_size)):
+        if n_relation_heads <= 0 or width % n_relation_heads:
+            raise UserError(f"--num_relation_heads {n_relation_heads}: must be above zero and divide the "
+                            f"{model}'s {width} attention channels (heads × head size)")
+    return n_relation_heads
+
+
+def config_heads(config):
+    """``(heads, head size)`` of a model's attention, from its config."""
+    heads = config.num_attention_heads
+    return heads, getattr(config, "head_dim", None) or config.hidden_size // heads
+
+
 def relation_losses(student_qkv, teacher_qkv, real, query_mask, n_tokens, n_relation_heads, want_att, want_val):
     """MiniLM's last-layer attention-distribution and value-relation KL terms, by log name."""
     s_heads, t_heads = student_qkv["query"].shape[1], teacher_qkv["query"].shape[1]
-    common = n_relation_heads or (s_heads if s_heads == t_heads else None)
-    if common is None:
-        raise UserError(f"the teacher's last layer has {t_heads} attention heads and the student's {s_heads}: "
-                        "give --num_relation_heads (dividing both hidden sizes) to regroup them")
+    common = common_relation_heads((t_heads, teacher_qkv["query"].shape[-1]),
+                                   (s_heads, student_qkv["query"].shape[-1]), n_relation_heads)
     regroup = common != s_heads or common != t_heads
 
     def heads(qkv, name, n_heads):
@@ -174,7 +198,7 @@ def relation_losses(student_qkv, teacher_qkv, real, query_mask, n_tokens, n_rela
 # ---- model plumbing ----
 
 def attention_module(block):
-    for name in ("attn", "self_attn"):
+    for name in ("attn", "self_attn", "attention", "self_attention"):
         if hasattr(block, name):
             return getattr(block, name)
     raise UserError(f"{type(block).__name__}: its attention cannot be captured; set --alpha_att 0 --alpha_val 0")
@@ -210,7 +234,7 @@ class Taps:
             if source == "evenly spread" and int(os.environ.get("RANK", "0")) == 0:
                 print(f"distiller.py: note: the student has no {truncation_file} and no --layer_map was given: "
                       f"--alpha_hidden uses the evenly spread map {','.join(f'{s}:{t}' for s, t in layer_map)}",
-                      flush=True)
+                      file=sys.stderr, flush=True)
             args.resolved_layer_map = layer_map
             self.student_blocks = BlockOutputs(s_blocks, [s for s, _ in layer_map])
             self.teacher_blocks = BlockOutputs(t_blocks, [t for _, t in layer_map])

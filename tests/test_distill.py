@@ -234,7 +234,8 @@ def weights_file(tmp_path, **config_overrides):
 @pytest.mark.parametrize("case, message", [
     ("vocabulary", "same vocabulary"),
     ("tokenizer", "same tokenizer"),
-    ("all_zero", "all loss weights are zero"),
+    ("all_zero", "all loss weights are zero: set at least one of --alpha_ce, --alpha_clm, --alpha_cos, --alpha_mse, "
+                 "--alpha_hidden, --alpha_att, --alpha_val above zero"),
     ("negative", "--alpha_clm -1.0: the loss weights must be zero or positive"),
     ("temperature_zero", "--temperature 0.0: must be above zero"),
     ("temperature_negative", "--temperature -2.0: must be above zero"),
@@ -243,6 +244,12 @@ def weights_file(tmp_path, **config_overrides):
     ("hidden_sizes_pkd", "--alpha_hidden 1.0: the teacher's hidden size 64 differs from the student's 32 and there "
                          "is no projection"),
     ("uncapturable_attention", "--alpha_att/--alpha_val: FalconForCausalLM does not call its attention through"),
+    ("relation_heads_differ", "the teacher's last layer has 2 attention heads and the student's 4: give "
+                              "--num_relation_heads"),
+    ("relation_heads_zero", "--num_relation_heads 0: must be above zero"),
+    ("relation_heads_divide", "--num_relation_heads 3: must be above zero and divide the teacher's 64 attention"),
+    ("relation_heads_unused", "--num_relation_heads 2: only --alpha_att and --alpha_val use relation heads"),
+    ("layer_map_unused", "--layer_map 0:0,1:2: only --alpha_hidden uses a layer map"),
     ("jsd_beta", "--jsd_beta 1.0"),
     ("divergence", "--divergence kl: choose from"),
     ("two_students", "exactly one"),
@@ -263,6 +270,13 @@ def test_bad_input_is_one_line_error(case, message, teacher, student, corpus_fil
         "hidden_sizes": lambda: config(n_embd=32),
         "hidden_sizes_pkd": lambda: config(n_embd=32) + ["--alpha_cos", 0, "--alpha_hidden", 1],
         "uncapturable_attention": lambda: ["--student_config", _falcon_config(tmp_path), "--alpha_att", 1],
+        "relation_heads_differ": lambda: config(n_head=4) + ["--alpha_val", 1],
+        "relation_heads_zero": lambda: ["--student_name_or_path", student, "--alpha_att", 1,
+                                        "--num_relation_heads", 0],
+        "relation_heads_divide": lambda: ["--student_name_or_path", student, "--alpha_att", 1,
+                                          "--num_relation_heads", 3],
+        "relation_heads_unused": lambda: ["--student_name_or_path", student, "--num_relation_heads", 2],
+        "layer_map_unused": lambda: ["--student_name_or_path", student, "--layer_map", "0:0,1:2"],
         "jsd_beta": lambda: ["--student_name_or_path", student, "--divergence", "jsd", "--jsd_beta", 1],
         "divergence": lambda: ["--student_name_or_path", student, "--divergence", "kl"],
         "two_students": lambda: ["--student_name_or_path", student] + config(),
@@ -353,6 +367,17 @@ def test_a_layer_map_naming_a_missing_block_is_one_line(teacher, student, corpus
                                                                                   "--layer_map", "0:0,1:7"]
     result = call_main(argv, capsys)
     assert_one_line_error(result, "--layer_map 0:0,1:7: the teacher has no block 7")
+
+
+def test_a_distilled_student_keeps_its_layer_map_for_distillation_while_fine_tuning(teacher, student, corpus_files,
+                                                                                   tmp_path, capsys):
+    distilled = tmp_path / "distilled"
+    assert call_main(distil_args(teacher, student, corpus_files, distilled, 4, 1), capsys).returncode == 0
+    assert (json.loads((distilled / "truncation.json").read_text()) ==
+            json.loads((student / "truncation.json").read_text()))
+    argv = distil_args(teacher, distilled, corpus_files, tmp_path / "again", 4, 1) + ["--alpha_hidden", 1]
+    trainer, _ = distillation.build_trainer([str(a) for a in argv])
+    assert trainer.distillation_args.resolved_layer_map == [(0, 0), (1, 2)], "not the evenly spread 0:0,1:3"
 
 
 CLOSENESS_STEPS = 30

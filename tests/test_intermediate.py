@@ -1,7 +1,8 @@
 """Intermediate-layer distillation terms against a direct eager computation (float64)."""
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
+                          LlamaForCausalLM)
 
 from lmcompress import intermediate
 from lmcompress.errors import UserError
@@ -18,6 +19,13 @@ def tiny_llama(seed=0):
     config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
     return LlamaForCausalLM(config).double().eval()
+
+
+def tiny_neox(seed=0):
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=32)
+    return GPTNeoXForCausalLM(config).double().eval()
 
 
 def eager_attentions(model, ids, mask):
@@ -37,8 +45,12 @@ def inputs():
     return ids, mask
 
 
-@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama])
-def test_attention_kl_matches_eager_values_and_gradients(make):
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama, tiny_neox])
+@pytest.mark.parametrize("chunk", [intermediate.QUERY_CHUNK, 4], ids=["one-chunk", "three-chunks"])
+def test_attention_kl_matches_eager_values_and_gradients(make, chunk, monkeypatch):
+    monkeypatch.setattr(intermediate, "QUERY_CHUNK", chunk)  # 9 positions: queries 0-3, 4-7 and 8
+    chunks, chunk_kl = [], intermediate._chunk_kl
+    monkeypatch.setattr(intermediate, "_chunk_kl", lambda *args: chunks.append(1) or chunk_kl(*args))
     teacher, student = make(seed=0), make(seed=1)
     ids, mask = inputs()
     real = mask.bool()
@@ -52,6 +64,7 @@ def test_attention_kl_matches_eager_values_and_gradients(make):
         teacher(input_ids=ids, attention_mask=mask)
     student(input_ids=ids, attention_mask=mask)
     got = intermediate.relation_losses(s_store, t_store, real, real, None, None, True, False)["loss_att"]
+    assert len(chunks) == -(-ids.shape[1] // chunk)
     got_grad = torch.autograd.grad(got, list(student.parameters()), allow_unused=True)
     torch.testing.assert_close(got, expected)
     for g, e in zip(got_grad, expected_grad):
@@ -73,7 +86,24 @@ def test_value_relation_is_causal_and_chunking_does_not_change_it():
     torch.testing.assert_close(whole, direct)
 
 
-def test_different_head_counts_regroup_or_refuse():
+def direct_relation_kl(teacher, student, real, n_heads):
+    """KL(teacher ‖ student) of causal softmax(a·bᵀ/√d) over real keys, with each model's heads merged and split
+    into ``n_heads`` (MiniLMv2), averaged over heads and real queries: whole T × T maps, no chunks."""
+    def log_relations(a, b):
+        a, b = (x.transpose(1, 2).flatten(2) for x in (a, b))  # (B, T, H·d)
+        a, b = (x.unflatten(2, (n_heads, -1)).transpose(1, 2) for x in (a, b))  # (B, R, T, d_r)
+        length = a.shape[2]
+        allowed = torch.ones(length, length, dtype=torch.bool).tril() & real[:, None, None, :]
+        allowed = allowed | torch.eye(length, dtype=torch.bool)
+        scores = (a @ b.transpose(-1, -2) / a.shape[-1] ** 0.5).masked_fill(~allowed, float("-inf"))
+        return scores.log_softmax(-1), allowed
+
+    (t_logp, allowed), (s_logp, _) = log_relations(*teacher), log_relations(*student)
+    kl = (t_logp.exp() * (t_logp - s_logp)).masked_fill(~allowed, 0).sum(-1)  # (B, R, T)
+    return (kl * real[:, None, :]).sum() / (n_heads * real.sum())
+
+
+def test_different_head_counts_regroup_as_minilmv2_or_refuse():
     teacher, student = tiny_gpt2(n_head=4), tiny_gpt2(n_head=2)
     ids, mask = inputs()
     real = mask.bool()
@@ -83,7 +113,34 @@ def test_different_head_counts_regroup_or_refuse():
     with pytest.raises(UserError, match="--num_relation_heads"):
         intermediate.relation_losses(s_store, t_store, real, real, None, None, True, True)
     terms = intermediate.relation_losses(s_store, t_store, real, real, None, 2, True, True)
-    assert all(torch.isfinite(value) and value > 0 for value in terms.values())
+    q, k, v = "query", "key", "value"
+    torch.testing.assert_close(terms["loss_att"], direct_relation_kl((t_store[q], t_store[k]),
+                                                                     (s_store[q], s_store[k]), real, 2))
+    torch.testing.assert_close(terms["loss_val"], direct_relation_kl((t_store[v], t_store[v]),
+                                                                     (s_store[v], s_store[v]), real, 2))
+
+
+def test_relation_head_counts_are_checked_against_both_layouts():
+    assert intermediate.common_relation_heads((4, 8), (4, 4), None) == 4
+    assert intermediate.common_relation_heads((12, 64), (4, 32), 8) == 8
+    with pytest.raises(UserError, match="the teacher's last layer has 12 attention heads and the student's 4: give "
+                                        "--num_relation_heads"):
+        intermediate.common_relation_heads((12, 64), (4, 32), None)
+    with pytest.raises(UserError, match="--num_relation_heads 0: must be above zero"):
+        intermediate.common_relation_heads((4, 8), (4, 8), 0)
+    with pytest.raises(UserError, match="--num_relation_heads 3: .* divide the student's 128 attention channels"):
+        intermediate.common_relation_heads((12, 64), (4, 32), 3)
+
+
+def test_a_student_without_a_layer_record_uses_the_evenly_spread_map_and_says_so_on_stderr(capsys):
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(alpha_hidden=1.0, alpha_att=0.0, alpha_val=0.0, layer_map=None)
+    intermediate.Taps(args, tiny_gpt2(), tiny_gpt2(seed=1), None, "truncation.json")
+    assert args.resolved_layer_map == [(0, 0), (1, 1)]
+    out, err = capsys.readouterr()
+    assert "no truncation.json and no --layer_map was given: --alpha_hidden uses the evenly spread map 0:0,1:1" in err
+    assert out == ""
 
 
 def test_hidden_loss_is_zero_for_identical_states_and_positive_otherwise():
