@@ -20,9 +20,18 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$OUTPUT_ROOT
 export NPROC_PER_NODE=${NPROC_PER_NODE:-}
 
-ROWS=${ROWS:-teacher random-init first distil-kd alt-pretrain alt-kd importance ft-kd ft-kd-hidden ft-kd-attention ft-reverse-kl alt-pretrain-raw}
-want() { [[ " $ROWS " == *" $1 "* ]]; }
-want_distil_kd() { want distil-kd || [[ " $ROWS " == *" ft-"* ]]; }   # every ft-* row starts from distil-kd's student
+RUNS="teacher random-init first distil-kd alt-pretrain alt-kd importance ft-kd ft-kd-hidden ft-kd-attention ft-reverse-kl alt-pretrain-raw"
+ROWS=${ROWS:-$RUNS}
+WANTED=""   # the runs of the rows asked for: ft-none is distil-kd's run, alt-pretrain-clean alt-pretrain's
+for row in $ROWS; do
+  case "$row" in ft-none) row=distil-kd ;; alt-pretrain-clean) row=alt-pretrain ;; esac
+  if [[ " $RUNS " != *" $row "* ]]; then
+    echo "reproduce.sh: error: ROWS: no row $row; the rows are: $RUNS ft-none alt-pretrain-clean" >&2; exit 2
+  fi
+  WANTED+=" $row"
+done
+want() { [[ " $WANTED " == *" $1 "* ]]; }
+want_distil_kd() { want distil-kd || [[ " $WANTED " == *" ft-"* ]]; }   # every ft-* row starts from distil-kd's student
 
 case "$SCALE" in
   mini)
@@ -50,13 +59,14 @@ case "$SCALE" in
     ;;
   paper)
     TOKENIZER=gpt2
-    TEACHER_LAYERS=12
     STUDENT_LAYERS=6
     BLOCK_SIZE=1024
     PROMPT=${PROMPT:-"The history of the"}
     PRETRAIN_FLAGS=() STUDENT_FLAGS=() FINETUNE_FLAGS=()   # the launch scripts' defaults are the paper's settings
-    # fine-tuning with KD: the original's distil_pkd.sh settings (WikiText-103, 6 epochs, batch 8 x 4, T 1, each alpha .2)
-    KD_FINETUNE_ENV=(EPOCHS=6 BATCH_SIZE=8 GRAD_ACC=4 TEMPERATURE=1.0 ALPHA_CE=0.2 ALPHA_CLM=0.2 ALPHA_COS=0.2)
+    # fine-tuning with KD: the original's distil_pkd.sh settings (WikiText-103, 6 epochs, batch 8 x 4, T 1, each alpha
+    # .2; its runner's learning rate 5e-5, no warmup, position embeddings trained: train.sh's, as for ft-none)
+    KD_FINETUNE_ENV=(EPOCHS=6 BATCH_SIZE=8 GRAD_ACC=4 TEMPERATURE=1.0 ALPHA_CE=0.2 ALPHA_CLM=0.2 ALPHA_COS=0.2
+      LEARNING_RATE=5e-5 WARMUP_RATIO=0.0 FREEZE_POS_EMBS=0)
     KD_FINETUNE_FLAGS=(--eval_strategy epoch)   # selected and reported like a fine-tuned model
     CALIBRATION_TOKENS=${CALIBRATION_TOKENS:-262144}
     STUDENT_CONFIG=$HERE/configs/distilgpt2.json
@@ -164,10 +174,8 @@ want alt-kd && finetune alt-kd MODEL="$ROOT/alt-kd/distil"
 want importance && finetune importance MODEL="$ROOT/importance/distil"
 want alt-pretrain-raw && finetune alt-pretrain-raw MODEL="$ROOT/alt-pretrain-raw/pretrain"
 
-# the distil student after its distillation stage, fine-tuned with KD from the fine-tuned teacher
-# student block -> the teacher block it was copied from (the distilled folder has no truncation.json of its own)
-DISTIL_LAYER_MAP=$("$PYTHON" -c "from lmcompress.truncation import distil_layers
-print(','.join(f'{s}:{t}' for s, t in enumerate(distil_layers($TEACHER_LAYERS, $STUDENT_LAYERS))))")
+# the distil student after its distillation stage (its truncation.json maps its blocks to the teacher's),
+# fine-tuned with KD from the fine-tuned teacher
 kd_finetune() {  # kd_finetune ROW DISTILLER_FLAGS...
   local row=$1; shift
   want "$row" || return 0
@@ -178,7 +186,7 @@ kd_finetune() {  # kd_finetune ROW DISTILLER_FLAGS...
   test_row "$row"
 }
 kd_finetune ft-kd
-kd_finetune ft-kd-hidden --alpha_hidden 0.2 --layer_map "$DISTIL_LAYER_MAP"
+kd_finetune ft-kd-hidden --alpha_hidden 0.2
 kd_finetune ft-kd-attention --alpha_att 0.2 --alpha_val 0.2
 kd_finetune ft-reverse-kl --divergence reverse_kl
 

@@ -1,7 +1,9 @@
 """reproduce.sh: the dry run of the paper scale, and the mini pipeline end to end at toy size, resumable."""
 import csv
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,7 +43,10 @@ def test_paper_dry_run_prints_the_papers_commands(tmp_path):
         assert "STUDENT=" + str(tmp_path / "paper" / "distil-kd" / "distil") in line
         assert all(setting in line for setting in ("EPOCHS=6", "BATCH_SIZE=8", "GRAD_ACC=4", "TEMPERATURE=1.0",
                                                    "ALPHA_CE=0.2", "ALPHA_CLM=0.2", "ALPHA_COS=0.2"))
-    assert any("--alpha_hidden 0.2 --layer_map 0:0\\,1:2\\,2:4\\,3:7\\,4:9\\,5:11" in line for line in kd)
+        # distil_pkd.sh's runner defaults, which are also train.sh's (ft-none's)
+        assert all(setting in line for setting in ("LEARNING_RATE=5e-5", "WARMUP_RATIO=0.0", "FREEZE_POS_EMBS=0"))
+    hidden = next(line for line in kd if "--alpha_hidden 0.2" in line)
+    assert "--layer_map" not in hidden, "the distilled student's truncation.json maps its blocks"
     assert any("--alpha_att 0.2 --alpha_val 0.2" in line for line in kd)
     assert any("--divergence reverse_kl" in line for line in kd)
 
@@ -52,6 +57,22 @@ def test_rows_selects_a_subset(tmp_path):
     assert "ft-kd/finetune" in result.stdout and "ft-kd-hidden" not in result.stdout
     assert "teacher/finetune" in result.stdout and "distil-kd/distil" in result.stdout, "what ft-kd needs runs"
     assert "alt-pretrain" not in result.stdout and "truncated/first" not in result.stdout
+
+
+@pytest.mark.parametrize("rows, runs", [("ft-none", "distil-kd/finetune"), ("alt-pretrain-clean", "alt-pretrain/finetune")])
+def test_rows_that_reuse_another_run_run_it(tmp_path, rows, runs):
+    result = run(["bash", "reproduce.sh"], env={"SCALE": "paper", "DRY_RUN": "1", "ROWS": rows,
+                                                "OUTPUT_ROOT": tmp_path / "paper"})
+    assert f"{tmp_path / 'paper' / runs} " in result.stdout
+
+
+def test_an_unknown_row_is_refused_with_the_valid_names(tmp_path):
+    result = run(["bash", "reproduce.sh"], env={"DRY_RUN": "1", "ROWS": "ft-kd ft-kdd", "OUTPUT_ROOT": tmp_path / "x"},
+                 check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    prefix = "reproduce.sh: error: ROWS: no row ft-kdd; the rows are: "
+    assert line.startswith(prefix) and sorted(line[len(prefix):].split()) == sorted(ROWS), "every report row"
 
 
 def test_llama_writes_its_own_results_folder():
@@ -120,6 +141,8 @@ def test_mini_pipeline_resumes_after_a_kill_and_reuses_every_stage(tmp_path):
     assert rows["ft-none"]["test_ppl"] == rows["distil-kd"]["test_ppl"], "ft-none is distil-kd's run"
     assert rows["alt-pretrain-clean"]["test_ppl"] == rows["alt-pretrain"]["test_ppl"]
     assert "html=" in rows["alt-pretrain-clean"]["cleaning_dropped"]
+    assert float(re.search(r"\(([\d.]+)% of lines\)", rows["alt-pretrain-clean"]["cleaning_dropped"])[1]) >= 5
+    assert rows["ft-kd"]["stage1_seconds"] == rows["distil-kd"]["stage1_seconds"], "the shared stage, counted"
     assert rows["alt-pretrain-raw"]["cleaning_dropped"] == "not cleaned"
     for row in rows.values():
         assert float(row["test_ppl"]) > 1 and float(row["validation_ppl"]) > 1 and float(row["test_word_ppl"]) > 1
@@ -167,6 +190,9 @@ def test_findings_are_computed_from_the_numbers():
     assert "this run agrees" in report.kd_finetune_finding(kd)
     kd[1]["test_ppl"] = 100.5
     assert "no KD variant beats" in report.kd_finetune_finding(kd) and "differs" in report.kd_finetune_finding(kd)
+    assert "optimiser step" not in report.kd_finetune_finding(kd)
+    kd[0]["tokens_per_step"], kd[1]["tokens_per_step"] = 131072, 32768
+    assert "tokens per optimiser step (131,072 against 32,768)" in report.kd_finetune_finding(kd)
     compression = [row("compression", "teacher", 50.0), row("compression", "distil-kd", 60.0, 30.0),
                    row("compression", "alt-pretrain", 66.0, 20.0)]
     text = report.compression_finding(compression)
@@ -180,6 +206,21 @@ def test_findings_are_computed_from_the_numbers():
     assert "-5.0 %" in report.cleaning_finding(cleaning) and "agrees" in report.cleaning_finding(cleaning)
 
 
+def test_clean_drops_at_least_5_percent_of_the_mini_raw_corpus_of_every_kind_of_noise():
+    """The raw pre-training text lmcompress.mini writes, cleaned as tokenize_datasets.py --clean cleans a file."""
+    from lmcompress.cleaning import LineCleaner
+    from lmcompress.corpus import docstrings, noisy_documents, with_noise
+    from lmcompress.tokenization import cleaned
+
+    text = "\n\n".join(with_noise(docstrings(), noisy_documents())) + "\n"
+    cleaner = LineCleaner()
+    kept = sum(1 for _ in cleaned([text], cleaner))
+    counts = cleaner.counts
+    assert counts["kept"] == kept and sum(counts.values()) == len(text.splitlines())
+    assert 1 - kept / sum(counts.values()) >= 0.05
+    assert all(counts[kind] > 0 for kind in ("duplicate", "html", "too_short", "nonalpha")), counts
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_mini_configs_build_the_architecture(arch):
     import torch
@@ -189,3 +230,74 @@ def test_mini_configs_build_the_architecture(arch):
     model = AutoModelForCausalLM.from_config(config)
     assert config.model_type == arch and config.num_hidden_layers == 3
     assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 64)
+
+
+# validation and test perplexity, first-stage and fine-tuning seconds of each run folder (the mini tables of
+# docs/reproduction.md)
+MEASURED = {"distil-kd": (157.33, 190.74, ("distil", 35), 17), "ft-kd": (160.43, 193.31, None, 29),
+            "ft-kd-hidden": (160.26, 193.23, None, 29), "ft-kd-attention": (160.88, 193.27, None, 33),
+            "ft-reverse-kl": (161.01, 193.48, None, 30), "teacher": (152.11, 186.24, ("pretrain", 209), 22),
+            "random-init": (582.17, 646.68, None, 16), "first": (160.39, 192.50, None, 16),
+            "alt-pretrain": (158.49, 193.29, ("pretrain", 16), 16), "alt-kd": (156.70, 190.22, ("distil", 32), 16),
+            "importance": (158.55, 190.93, ("distil", 29), 17),
+            "alt-pretrain-raw": (159.16, 188.71, ("pretrain", 15), 16)}
+
+
+def write_run_folders(root):
+    """The files report.py reads, for the runs of MEASURED; each fine-tuning evaluated at half and full epoch."""
+    def put(path, values):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(values) if isinstance(values, dict) else str(values), encoding="utf-8")
+
+    for index, (folder, (valid, test, stage, finetune_seconds)) in enumerate(MEASURED.items()):
+        finetune = root / folder / "finetune"
+        put(finetune / "perplexity.json", {"perplexity": test, "word_perplexity": 200 * test})
+        put(finetune / "eval_results.json", {"perplexity": valid})
+        put(finetune / "train_results.json", {"train_tokens": 102400, "n_parameters": 937472})
+        put(finetune / "config.json", {"n_layer": 2})
+        losses = [math.log(valid) + 0.3 + 0.01 * index, math.log(valid)]
+        put(finetune / "trainer_state.json", {"global_step": 50, "log_history": [
+            {"epoch": epoch, "step": step, "eval_loss": loss} for epoch, step, loss in zip((0.5, 1.0), (25, 50), losses)]})
+        put(root / "timings" / f"{folder}-finetune.seconds", finetune_seconds)
+        if folder.startswith("ft-"):
+            put(finetune / "distillation.json", {"freeze_pos_embs": True})
+        if stage:
+            put(root / folder / stage[0] / "train_results.json", {"train_tokens": 81920})
+            put(root / "timings" / f"{folder}-{stage[0]}.seconds", stage[1])
+
+
+def collected_rows(root):
+    return [report.collect_row(root, *row) for row in report.ROWS
+            if (root / row[4] / "finetune" / "perplexity.json").is_file()]
+
+
+def test_every_kd_finetune_row_counts_the_shared_distillation_stage(tmp_path):
+    write_run_folders(tmp_path)
+    rows = {row["model"]: row for row in collected_rows(tmp_path)}
+    for name in ("ft-none", "ft-kd", "ft-kd-attention"):
+        assert (rows[name]["stage1_tokens"], rows[name]["stage1_seconds"]) == (81920, 35.0), name
+    assert rows["first"]["stage1_seconds"] is None and rows["alt-kd"]["stage1_seconds"] == 32.0
+    finding = report.kd_finetune_finding([row for row in rows.values() if row["table"] == "kd_finetune"])
+    assert "position embeddings (trained against frozen)" in finding and "tokens per optimiser step" not in finding
+
+
+def test_results_png_has_a_panel_per_table_whose_rows_can_be_told_apart(tmp_path):
+    write_run_folders(tmp_path)
+    rows = collected_rows(tmp_path)
+    report.write_plot(tmp_path / "results.png", tmp_path, rows)
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    figure = report.results_figure(tmp_path, rows)
+    bars, curves = figure.axes[:3], figure.axes[3:]  # the top row, then the bottom row
+    assert [axis.get_title() for axis in bars] == [heading.split(" (")[0] for heading in report.TABLES.values()]
+    compression = bars[1]
+    assert 193.29 < compression.get_xlim()[1] < 646.68, "the random-init row does not set the axis"
+    labels = [text.get_text() for text in compression.texts]
+    assert any("646.7" in label and "off scale" in label for label in labels)
+    assert any(label.strip() == "190.7 · 52 s" for label in labels), "value and cost beside the bar"
+    kd_labels = [text.get_text().strip() for text in bars[0].texts]
+    assert kd_labels[:2] == ["190.7 · 52 s", "193.3 · 64 s"], "the shared stage counted in every ft-* row"
+    # the last validation points of ft-kd and ft-kd-attention differ by 0.3 %: at least 3 % of the axis apart
+    finals = {line.get_label(): line.get_ydata()[-1] for line in curves[0].get_lines()}
+    low, high = curves[0].get_ylim()
+    assert abs(finals["ft-kd"] - finals["ft-kd-attention"]) > 0.03 * (high - low)
+    assert "ft-none" in curves[0].get_ylabel()
