@@ -12,9 +12,11 @@ import json
 import math
 from pathlib import Path
 
+import numpy
+
 TABLES = {
-    "kd_finetune": "Distillation while fine-tuning (the `distil` student after its distillation stage; the fine-tuned "
-                   "teacher teaches)",
+    "kd_finetune": "Distillation while fine-tuning (the `distil` student after its distillation stage, which every row "
+                   "counts in its tokens and seconds; the fine-tuned teacher teaches)",
     "compression": "Compression: truncation, pre-training and distillation",
     "cleaning": "Cleaning the pre-training data (the `alt` student pre-trained on the raw and on the cleaned corpus)",
 }
@@ -39,6 +41,9 @@ ROWS = [
      "`alt-pretrain`), fine-tuned", "alt", "alt-pretrain"),
 ]
 FIRST_STAGES = ("pretrain", "distil")
+STARTS_FROM = {"kd_finetune": "distil-kd"}  # every kd_finetune row fine-tunes distil-kd's distilled student
+REFERENCE_ROWS = {"kd_finetune": "ft-none", "compression": "teacher", "cleaning": "alt-pretrain-raw"}
+OFF_SCALE = 2.0  # a row above this many times its table's best test perplexity is drawn clipped at the axis edge
 COLUMNS = ["table", "model", "route", "layers", "parameters", "stage1_tokens", "stage1_seconds", "finetune_tokens",
            "finetune_seconds", "validation_ppl", "test_ppl", "test_word_ppl", "cleaning_dropped"]
 CLEANING_DATA = {"alt-pretrain-raw": "data/pretrain-raw", "alt-pretrain-clean": "data/pretrain"}
@@ -80,11 +85,18 @@ def cleaning_dropped(root, row):
     return ";".join(f"{kind}={n}" for kind, n in dropped.items()) + f" ({sum(dropped.values()) / total:.1%} of lines)"
 
 
+def tokens_per_step(finetune):
+    steps = read_json(finetune / "trainer_state.json").get("global_step")
+    tokens = read_json(finetune / "train_results.json").get("train_tokens")
+    return tokens // steps if tokens and steps else None
+
+
 def collect_row(root, table, row, description, strategy, folder):
     finetune = Path(root) / folder / "finetune"
     config = read_json(finetune / "config.json")
-    stage = first_stage(root, folder)
-    stage_results = read_json(Path(root) / folder / stage / "train_results.json") if stage else {}
+    stage_folder = STARTS_FROM.get(table, folder)
+    stage = first_stage(root, stage_folder)
+    stage_results = read_json(Path(root) / stage_folder / stage / "train_results.json") if stage else {}
     test = read_json(finetune / "perplexity.json")
     n_layer = config.get("n_layer", config.get("num_hidden_layers"))
     return {
@@ -92,12 +104,14 @@ def collect_row(root, table, row, description, strategy, folder):
         "layers": layers_kept(root, row, strategy, n_layer),
         "parameters": read_json(finetune / "train_results.json").get("n_parameters"),
         "stage1_tokens": stage_results.get("train_tokens"),
-        "stage1_seconds": seconds(root, f"{folder}-{stage}") if stage else None,
+        "stage1_seconds": seconds(root, f"{stage_folder}-{stage}") if stage else None,
         "finetune_tokens": read_json(finetune / "train_results.json").get("train_tokens"),
         "finetune_seconds": seconds(root, f"{folder}-finetune"),
         "validation_ppl": read_json(finetune / "eval_results.json").get("perplexity"),
         "test_ppl": test.get("perplexity"), "test_word_ppl": test.get("word_perplexity"),
         "cleaning_dropped": cleaning_dropped(root, row),
+        "tokens_per_step": tokens_per_step(finetune),
+        "frozen_positions": read_json(finetune / "distillation.json").get("freeze_pos_embs", False),
     }
 
 
@@ -142,7 +156,24 @@ def kd_finetune_finding(rows):
     return (f"At this scale {verdict}: test perplexity against `ft-none` ({base:.2f}): {changes}. The paper applies "
             "these techniques to improve the fine-tuning of DistilGPT-2; "
             + (f"this run agrees (best: `{best['model']}`, {best['test_ppl']:.2f})." if helps
-               else "this run differs."))
+               else "this run differs.") + settings_besides_kd(table))
+
+
+def settings_besides_kd(table):
+    """What else than KD differs between `ft-none`'s fine-tuning (train.sh) and the KD rows' (distil.sh)."""
+    base = table["ft-none"]
+    others = [row for name, row in table.items() if name != "ft-none"]
+    differences = []
+    steps = sorted({row.get("tokens_per_step") for row in others} - {None})
+    if base.get("tokens_per_step") and steps and steps != [base["tokens_per_step"]]:
+        differences.append(f"tokens per optimiser step ({base['tokens_per_step']:,} against "
+                           + " / ".join(f"{value:,}" for value in steps) + ")")
+    if any(row.get("frozen_positions") for row in others) and not base.get("frozen_positions"):
+        differences.append("position embeddings (trained against frozen)")
+    differences.append("gradient clipping, Adam ε and seed (the scripts' defaults: 1, 1e-8 and 42 against 5, 1e-6 "
+                       "and 56)")
+    return (" Besides KD, `ft-none` (fine-tuned by `train.sh`) and the KD rows (by `distil.sh`) differ in "
+            + ", ".join(differences) + ".")
 
 
 def cheaper(row, other):
@@ -218,43 +249,97 @@ def write_csv(path, rows):
 
 
 def loss_history(folder, key):
+    """``(epochs, values)`` of ``key`` in a run's log: epochs, not steps, since the rows' batches may differ."""
     history = read_json(Path(folder) / "trainer_state.json").get("log_history", [])
-    points = [(entry["step"], entry[key]) for entry in history if key in entry]
-    return [step for step, _ in points], [value for _, value in points]
+    points = [(entry["epoch"], entry[key]) for entry in history if key in entry and "epoch" in entry]
+    return [epoch for epoch, _ in points], [value for _, value in points]
 
 
-def write_plot(path, root, rows):
-    """A column per table: test perplexity per row (bars, cost beside), then each row's validation loss while
-    fine-tuning; only evaluation points are drawn, so the axis spans the rows' differences, not the first steps."""
+def in_scale(table_rows):
+    """The rows the axes span: those within OFF_SCALE times the table's best test perplexity."""
+    best = min(row["test_ppl"] for row in table_rows)
+    return [row for row in table_rows if row["test_ppl"] <= OFF_SCALE * best]
+
+
+def cost(row):
+    spent = [value for value in (row["stage1_seconds"], row["finetune_seconds"]) if value is not None]
+    return f"{sum(spent):,.0f} s" if spent else "? s"
+
+
+def draw_bars(axis, table_rows):
+    """Test perplexity per row, the axis spanning the in-scale rows; an off-scale row is clipped at the edge and
+    labelled with its value."""
+    shown = in_scale(table_rows)
+    low, high = min(row["test_ppl"] for row in shown), max(row["test_ppl"] for row in shown)
+    pad = max(high - low, 0.02 * high)
+    left, right = low - pad, high + 1.7 * pad  # room on the right for the labels
+    for index, row in enumerate(table_rows):
+        label = f"{row['test_ppl']:.1f} · {cost(row)}"
+        if row in shown:
+            axis.barh(index, row["test_ppl"] - left, left=left, color="tab:blue")
+            axis.text(row["test_ppl"], index, f" {label}", va="center", fontsize=8)
+        else:
+            axis.barh(index, right - left, left=left, color="tab:gray", hatch="//")
+            axis.text(right, index, f"{label} (off scale) ▸ ", ha="right", va="center", fontsize=8,
+                      bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
+    axis.set_yticks(range(len(table_rows)), [row["model"] for row in table_rows])
+    axis.set_xlim(left, right)
+    axis.invert_yaxis()
+
+
+def draw_curves(axis, root, table, table_rows):
+    """Each row's validation perplexity while fine-tuning, in % against the table's reference row at the same
+    epoch, so rows a few per cent apart do not lie on one line; off-scale rows do not set the y range."""
+    histories = {row["model"]: loss_history(Path(root) / row["folder"] / "finetune", "eval_loss")
+                 for row in table_rows}
+    histories = {name: history for name, history in histories.items() if history[0]}
+    if not histories:
+        return None
+    reference = REFERENCE_ROWS[table] if REFERENCE_ROWS[table] in histories else next(iter(histories))
+    ref_epochs, ref_losses = histories[reference]
+    shown = {row["model"] for row in in_scale(table_rows)}
+    spanned = [0.0]  # the reference row
+    for name, (epochs, losses) in histories.items():
+        change = [100 * math.expm1(loss - numpy.interp(epoch, ref_epochs, ref_losses))
+                  for epoch, loss in zip(epochs, losses)]
+        axis.plot(epochs, change, "o-", label=name if name in shown else f"{name} (off scale)")
+        spanned += change if name in shown else []
+    low, high = min(spanned), max(spanned)
+    pad = max(high - low, 0.5) * 0.15
+    axis.set_ylim(low - pad, high + pad)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    return reference
+
+
+def results_figure(root, rows):
+    """A column per table: test perplexity per row with its training seconds (bars), then each row's validation
+    perplexity while fine-tuning against the table's reference row (curves)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tables = [table for table in TABLES if any(row["table"] == table for row in rows)]
+    tables = [table for table in TABLES if any(row["table"] == table and row["test_ppl"] is not None for row in rows)]
     figure, axes = plt.subplots(2, len(tables), figsize=(6 * len(tables), 8), squeeze=False)
     for column, table in enumerate(tables):
         table_rows = [row for row in rows if row["table"] == table and row["test_ppl"] is not None]
         bars, curves = axes[0][column], axes[1][column]
-        names = [row["model"] for row in table_rows]
-        values = [row["test_ppl"] for row in table_rows]
-        bars.barh(names, values, color="tab:blue")
-        for index, row in enumerate(table_rows):
-            cost = sum(value or 0 for value in (row["stage1_seconds"], row["finetune_seconds"]))
-            bars.text(row["test_ppl"], index, f" {row['test_ppl']:.1f}  ({cost:.0f} s)", va="center", fontsize=8)
-        low, high = min(values), max(values)
-        bars.set_xlim(low * 0.9 if high < 2 * low else 0, high * 1.25)
-        bars.invert_yaxis()
-        bars.set(title=TABLES[table].split(" (")[0], xlabel="test perplexity (cost: wall seconds of training)")
-        for row in table_rows:
-            steps, values = loss_history(Path(root) / row["folder"] / "finetune", "eval_loss")
-            if steps:
-                curves.plot(steps, values, "o-", label=row["model"])
-        curves.set(xlabel="fine-tuning step", ylabel="validation loss (nats)")
-        curves.grid(alpha=0.3)
-        if curves.lines:
-            curves.legend(fontsize=7)
+        draw_bars(bars, table_rows)
+        stages = "the shared distillation stage + fine-tuning" if table in STARTS_FROM else "first stage + fine-tuning"
+        bars.set(title=TABLES[table].split(" (")[0],
+                 xlabel=f"test perplexity (axis not from 0) · wall seconds of training\n({stages})")
+        reference = draw_curves(curves, root, table, table_rows)
+        curves.set(xlabel="fine-tuning epoch",
+                   ylabel=f"validation perplexity against `{reference}` (%)" if reference else "")
     figure.tight_layout()
+    return figure
+
+
+def write_plot(path, root, rows):
+    import matplotlib.pyplot as plt
+
+    figure = results_figure(root, rows)
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
