@@ -206,6 +206,9 @@ def attention_module(block):
 
 def enable_capture(model, flag="--alpha_att/--alpha_val"):
     """Route the model's attention through the recording SDPA and record its last layer; returns the store."""
+    if getattr(model.config, "attn_logit_softcapping", None):
+        raise UserError(f"{flag}: {type(model).__name__} soft-caps its attention logits, which SDPA and the "
+                        "recomputed distributions do not; set --alpha_att 0 --alpha_val 0")
     try:
         model.set_attn_implementation(CAPTURE_IMPLEMENTATION)
     except (ValueError, AttributeError) as err:

@@ -143,6 +143,15 @@ def test_a_student_without_a_layer_record_uses_the_evenly_spread_map_and_says_so
     assert out == ""
 
 
+def test_soft_capped_attention_is_refused_in_one_line():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    with pytest.raises(UserError, match="Gemma2ForCausalLM soft-caps its attention logits"):
+        intermediate.enable_capture(Gemma2ForCausalLM(config))
+
+
 def test_hidden_loss_is_zero_for_identical_states_and_positive_otherwise():
     h = [torch.randn(2, 5, 8, dtype=torch.float64) for _ in range(3)]
     mask = torch.ones(2, 5, dtype=torch.bool)
