@@ -9,7 +9,8 @@ import torch
 
 from . import deepspeed_support
 from .cli import parse_dataclass_args
-from .data import DataArguments, check_vocabulary, choose_block_size, require_split, resolve_token_folder
+from .data import (DataArguments, check_vocabulary, choose_block_size, plan_tokens, require_planned_split,
+                   resolve_token_folder)
 from .distributed import COLLECTIVE_TIMEOUT_S, end_process_group, init_distributed, local_main_first
 from .errors import UserError, entry_point, require_writable_folder
 from .jsonio import write_json
@@ -111,10 +112,12 @@ def main(argv=None):
     block_size = choose_block_size(data_args.block_size, n_positions(config))
     stride = block_size if args.stride is None else args.stride
     check_stride(stride, block_size)
-    folder = resolve_token_folder(data_args, tokenizer, tokenizer_name, local_main_first)
+    plan = plan_tokens(data_args, tokenizer, tokenizer_name)
+    require_planned_split(plan.splits, args.split, data_args, f"--split {args.split}",
+                          f"give data with a {args.split} split or choose one of those")
+    folder = resolve_token_folder(data_args, tokenizer, tokenizer_name, local_main_first, plan)
     meta = read_meta(folder)
     check_vocabulary(meta, config, str(folder))
-    require_split(meta, args.split, data_args, "--split")
     tokens = open_split(folder, args.split, "--split")
     if len(tokens) < 2:
         raise UserError(f"{folder}/{args.split}.bin: fewer than two tokens, nothing to score")

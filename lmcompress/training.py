@@ -16,8 +16,8 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from . import deepspeed_support, faults
 from .cli import parse_dataclass_args
-from .data import (BlockDataset, DataArguments, check_vocabulary, choose_block_size, require_split,
-                   resolve_token_folder)
+from .data import (BlockDataset, DataArguments, check_vocabulary, choose_block_size, plan_tokens,
+                   require_planned_split, resolve_token_folder)
 from .distributed import COLLECTIVE_TIMEOUT_S, local_main_first, start_process_group
 from .errors import UserError, entry_point, removed_on_failure, require_writable_folder
 from .jsonio import write_json
@@ -226,12 +226,19 @@ class PreparedData:
     eval_tokens: object
 
 
-def prepare_data(data_args, tokenizer, tokenizer_name, config, what="the data"):
+def prepare_data(data_args, tokenizer, tokenizer_name, config, eval_strategy="no", what="the data"):
+    """The blocks to train on and the validation tokens; every split the run needs (train, and validation when
+    ``eval_strategy`` evaluates during training) is checked before anything is tokenized."""
     block_size = choose_block_size(data_args.block_size, n_positions(config))
-    folder = resolve_token_folder(data_args, tokenizer, tokenizer_name, local_main_first)
+    plan = plan_tokens(data_args, tokenizer, tokenizer_name)
+    require_planned_split(plan.splits, "train", data_args)
+    if eval_strategy != "no":
+        require_planned_split(plan.splits, "validation", data_args, f"--eval_strategy {eval_strategy}",
+                              "give --validation_file (or a --validation_split_percentage to carve one from train) "
+                              "or --eval_strategy no")
+    folder = resolve_token_folder(data_args, tokenizer, tokenizer_name, local_main_first, plan)
     meta = read_meta(folder)
     check_vocabulary(meta, config, what)
-    require_split(meta, "train", data_args)
     train_dataset = BlockDataset(folder, "train", block_size)
     eval_tokens = open_split(folder, "validation") if "validation" in meta["splits"] else None
     if eval_tokens is not None and len(eval_tokens) < 2:
@@ -300,9 +307,7 @@ def build_trainer(argv=None):
         raise UserError("--tokenizer_name is required with --config_name (no model folder to take it from)")
     tokenizer = load_tokenizer(tokenizer_name, "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path")
     config = load_config(model_args.config_name, model_args.model_name_or_path)
-    data = prepare_data(data_args, tokenizer, tokenizer_name, config)
-    if training_args.eval_strategy != "no" and data.eval_tokens is None:
-        raise UserError(f"--eval_strategy {training_args.eval_strategy}: the data has no validation split")
+    data = prepare_data(data_args, tokenizer, tokenizer_name, config, training_args.eval_strategy.value)
     model = load_causal_lm(config, None if model_args.config_name else model_args.model_name_or_path)
     trainer = LMTrainer(model=model, args=training_args, train_dataset=data.train_dataset,
                         data_collator=default_data_collator, processing_class=tokenizer,

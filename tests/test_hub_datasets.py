@@ -11,6 +11,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import REPO, assert_one_line_error, run, write_config
+from lmcompress.errors import UserError
+from lmcompress.models import load_config
 from lmcompress.tokenization import TextSources, describe_sources, hub_documents, job_key, load_hub_splits
 from test_faults import torchrun
 from test_tokenize import decode_split
@@ -187,13 +189,6 @@ def test_an_unknown_config_fails_in_one_line(tmp_path, tokenizer_dir, wikitext):
     assert_one_line_error(result, "--dataset_name", "wikitext-7", WIKITEXT_CONFIG)
 
 
-def test_a_missing_split_fails_in_one_line(tmp_path, openwebtext, untrained_model):
-    result = run(["evaluate.py", "--model_name_or_path", untrained_model, "--dataset_name", openwebtext[0],
-                  "--split", "test", "--block_size", "32", "--output_file", tmp_path / "ppl.json"], check=False)
-    assert_one_line_error(result, "--split test", f"--dataset_name {openwebtext[0]}", "train, validation")
-    assert not (tmp_path / "ppl.json").exists()
-
-
 def test_a_bad_stride_is_refused_before_any_tokenization(tmp_path, untrained_model, corpus_files):
     cache = tmp_path / "cache"
     result = run(["evaluate.py", "--model_name_or_path", untrained_model, "--test_file", corpus_files["validation"],
@@ -203,12 +198,80 @@ def test_a_bad_stride_is_refused_before_any_tokenization(tmp_path, untrained_mod
     assert not cache.exists() or not any(cache.iterdir()), "nothing was tokenized"
 
 
+def call_tool(tool, argv):
+    """train.py's, distiller.py's or evaluate.py's work up to where a bad flag must have been refused."""
+    from lmcompress import distillation, evaluation, training
+
+    argv = [str(arg) for arg in argv]
+    if tool == "evaluate.py":
+        return evaluation.main.__wrapped__(argv)
+    return (training if tool == "train.py" else distillation).build_trainer(argv)
+
+
+def tool_argv(tool, model, output, *data):
+    if tool == "evaluate.py":
+        return ["--model_name_or_path", model, *data, "--output_file", output / "ppl.json", "--report_to", "none"]
+    models = (["--model_name_or_path", model] if tool == "train.py" else
+              ["--teacher_name_or_path", model, "--student_name_or_path", model])
+    return [*models, *data, "--output_dir", output, "--report_to", "none", "--save_strategy", "no"]
+
+
+MISSING_SPLITS = {  # case: (tool, data flags, what the one line says)
+    "evaluate --split test of a train file": (
+        "evaluate.py", ["--train_file", "{train}", "--split", "test"], ["--split test", "'test'", "train, validation"]),
+    "train on a validation file only": ("train.py", ["--validation_file", "{validation}"], ["'train'", "validation"]),
+    "train evaluating with no validation data": (
+        "train.py", ["--train_file", "{train}", "--validation_split_percentage", "0", "--eval_strategy", "steps"],
+        ["--eval_strategy steps", "'validation'", "--validation_file"]),
+    "distil evaluating with no validation data": (
+        "distiller.py", ["--train_file", "{train}", "--validation_split_percentage", "0", "--eval_strategy", "steps"],
+        ["--eval_strategy steps", "'validation'", "--validation_file"]),
+    "evaluate --split test of a hub dataset with a train split only": (
+        "evaluate.py", ["--dataset_name", "{openwebtext}", "--split", "test"],
+        ["--split test", "--dataset_name", "has no 'test' split (it has: train, validation)"]),
+}
+
+
+@pytest.mark.parametrize("case", MISSING_SPLITS)
+def test_a_missing_split_is_refused_before_any_tokenization(case, tmp_path, monkeypatch, untrained_model,
+                                                            corpus_files, request):
+    tool, data, fragments = MISSING_SPLITS[case]
+    paths = {"train": corpus_files["train"], "validation": corpus_files["validation"],
+             "openwebtext": request.getfixturevalue("openwebtext")[0] if "{openwebtext}" in data else None}
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LMCOMPRESS_CACHE", str(cache))
+    with pytest.raises(UserError) as refused:
+        call_tool(tool, tool_argv(tool, untrained_model, tmp_path / "out", *[arg.format(**paths) for arg in data]))
+    for fragment in fragments:
+        assert fragment in str(refused.value), str(refused.value)
+    assert not cache.exists() or not any(cache.iterdir()), "nothing was tokenized"
+
+
 def test_a_model_folder_that_does_not_exist_says_so(tmp_path, corpus_files):
     missing = "outputs/truncated/gpt2-alt"
     result = run([REPO / "train.py", "--model_name_or_path", missing, "--train_file", corpus_files["train"],
                   "--output_dir", tmp_path / "out", "--report_to", "none"], cwd=tmp_path, check=False)
     line = assert_one_line_error(result, missing)
     assert "Repo id" not in line and "truncate.py" in line, line
+
+
+@pytest.mark.parametrize("tool", ["train.py", "distiller.py", "evaluate.py"])
+def test_a_model_folder_inside_an_existing_folder_is_a_folder(tool, tmp_path, monkeypatch, untrained_model,
+                                                              corpus_files):
+    """``outputs/finetune`` looks like a hub ``org/name``; with ``outputs/`` here it is a folder not made yet."""
+    (tmp_path / "outputs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    argv = tool_argv(tool, "outputs/finetune", tmp_path / "out", "--train_file", corpus_files["train"])
+    if tool == "distiller.py":
+        argv[1] = untrained_model  # the teacher; the student is the missing folder
+    with pytest.raises(UserError, match="outputs/finetune: no such folder .*truncate.py"):
+        call_tool(tool, argv)
+
+
+def test_an_org_and_name_that_is_neither_a_folder_nor_cached_names_both(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="nosuch-org/model: no such folder .*nor a hub model in the local cache"):
+        load_config(None, "nosuch-org/model")
 
 
 def test_the_launch_scripts_take_the_dataset_by_name(tmp_path, wikitext, untrained_model):
