@@ -16,7 +16,7 @@ from .errors import UserError, entry_point, require_writable_folder
 from .jsonio import write_json
 from .models import load_causal_lm, load_config, n_positions
 from .perplexity import check_stride, perplexity_from, reduce_sums, stream_nll, window_spans, word_perplexity
-from .throughput import evaluation_throughput
+from .throughput import evaluation_throughput, peak_gpu_memory
 from .tokenfiles import open_split, read_meta
 from .vocab import load_tokenizer
 
@@ -139,6 +139,7 @@ def main(argv=None):
         # tokens/s of scored tokens; MFU (forward FLOPs of every token fed, windows overlap) when the peak is known
         **evaluation_throughput(model, block_size, n_scored, runtime, args.peak_tflops, world_size,
                                 n_fed=len(window_spans(len(tokens), block_size, stride)) * block_size),
+        **peak_gpu_memory(),
     }
     if rank == 0:
         write_json(output_file, result)

@@ -25,7 +25,7 @@ from .losses import IGNORE_INDEX, summed_nll
 from .models import is_trained_model_folder, load_causal_lm, load_config, n_positions, plain_output_head
 from .perplexity import perplexity_from, reduce_sums, stream_nll
 from .tokenfiles import open_split, read_meta
-from .throughput import ThroughputCallback, count_parameters
+from .throughput import ThroughputCallback, count_parameters, peak_gpu_memory
 from .vocab import load_tokenizer
 
 
@@ -268,7 +268,7 @@ def train_and_evaluate(trainer, resume):
     tokens_per_step = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
                        * training_args.world_size * trainer.block_size)
     metrics = {**result.metrics, "train_tokens": trainer.state.global_step * tokens_per_step,
-               "n_parameters": count_parameters(trainer.model)}
+               "n_parameters": count_parameters(trainer.model), **peak_gpu_memory()}
     if trainer.is_world_process_zero():
         write_json(os.path.join(training_args.output_dir, "train_results.json"), metrics)
         trainer.state.save_to_json(os.path.join(training_args.output_dir, "trainer_state.json"))
