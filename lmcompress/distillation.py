@@ -307,12 +307,12 @@ def build_trainer(argv=None):
         raise UserError(f"--alpha_hidden {args.alpha_hidden}: the teacher's hidden size {teacher_config.hidden_size} "
                         f"differs from the student's {student_config.hidden_size} and there is no projection: set "
                         "--alpha_hidden 0")
-    data = prepare_data(data_args, tokenizer, tokenizer_name, student_config, training_args.eval_strategy.value)
     student = load_student(args, student_config)
     if args.freeze_pos_embs:
         freeze_position_embeddings(student)
     teacher = load_causal_lm(teacher_config, args.teacher_name_or_path, "--teacher_name_or_path")
-    taps = intermediate.Taps(args, student, teacher, args.student_name_or_path, TRUNCATION_FILE)
+    taps = intermediate.Taps(args, student, teacher, args.student_name_or_path, TRUNCATION_FILE)  # refuses a bad --layer_map
+    data = prepare_data(data_args, tokenizer, tokenizer_name, student_config, training_args.eval_strategy.value)
     trainer = DistillationTrainer(model=student, args=training_args, train_dataset=data.train_dataset,
                                   data_collator=default_data_collator, processing_class=tokenizer,
                                   eval_tokens=data.eval_tokens, block_size=data.block_size,

@@ -152,11 +152,13 @@ def test_an_edited_dataset_folder_is_a_new_tokenization_job(tmp_path):
 
 
 def test_train_distil_and_evaluate_take_the_dataset_by_name(tmp_path, wikitext, untrained_model):
-    """Tokenized once, on first use, by one rank while the other waits; then reused by every tool."""
+    """Tokenized on first use, under torchrun by one rank while the other waits (train.py, then evaluate.py on
+    another config), and reused (distiller.py takes train.py's tokens)."""
     folder, _ = wikitext
     cache = tmp_path / "cache"
     env = {"LMCOMPRESS_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
-    data = ["--dataset_name", folder, "--dataset_config_name", WIKITEXT_CONFIG, "--block_size", "32"]
+    by_name = ["--dataset_name", folder, "--block_size", "32"]
+    data = [*by_name, "--dataset_config_name", WIKITEXT_CONFIG]
     steps = ["--per_device_train_batch_size", "2", "--max_steps", "2", "--save_strategy", "no", "--report_to", "none"]
     trained = run([*torchrun(), REPO / "train.py", "--model_name_or_path", untrained_model, *data, *steps,
                    "--output_dir", tmp_path / "train"], env=env)
@@ -168,11 +170,14 @@ def test_train_distil_and_evaluate_take_the_dataset_by_name(tmp_path, wikitext, 
     distilled = run(["distiller.py", "--teacher_name_or_path", untrained_model, "--student_config", student, *data,
                      *steps, "--output_dir", tmp_path / "distil"], env=env)
     assert "Reusing" in distilled.stdout and (tmp_path / "distil" / "model.safetensors").is_file()
-    run(["evaluate.py", "--model_name_or_path", tmp_path / "train", *data, "--output_file", tmp_path / "ppl.json",
-         "--report_to", "none"], env=env)
+    evaluated = run([*torchrun(), REPO / "evaluate.py", "--model_name_or_path", tmp_path / "train", *by_name,
+                     "--dataset_config_name", "wikitext-2-raw-v1", "--output_file", tmp_path / "ppl.json",
+                     "--report_to", "none"], env=env)
+    assert evaluated.stdout.count("Reusing") == 1, "one rank tokenizes, the other finds its folder"
     result = json.loads((tmp_path / "ppl.json").read_text())
-    assert result["data"] == str(token_folders[0]) and math.isfinite(result["perplexity"])
-    assert [path for path in cache.iterdir() if not path.name.startswith(".")] == token_folders
+    assert math.isfinite(result["perplexity"]) and result["world_size"] == 2
+    folders = {path for path in cache.iterdir() if not path.name.startswith(".")}
+    assert len(folders) == 2 and token_folders[0] in folders and result["data"] in map(str, folders - {token_folders[0]})
 
 
 def test_a_dataset_without_a_text_column_fails_in_one_line(tmp_path, tokenizer_dir):
@@ -187,15 +192,6 @@ def test_an_unknown_config_fails_in_one_line(tmp_path, tokenizer_dir, wikitext):
     result = tokenize(tokenizer_dir, tmp_path / "tokens", wikitext[0], "--dataset_config_name", "wikitext-7",
                       check=False)
     assert_one_line_error(result, "--dataset_name", "wikitext-7", WIKITEXT_CONFIG)
-
-
-def test_a_bad_stride_is_refused_before_any_tokenization(tmp_path, untrained_model, corpus_files):
-    cache = tmp_path / "cache"
-    result = run(["evaluate.py", "--model_name_or_path", untrained_model, "--test_file", corpus_files["validation"],
-                  "--split", "test", "--block_size", "32", "--stride", "0"],
-                 env={"LMCOMPRESS_CACHE": str(cache)}, check=False)
-    assert_one_line_error(result, "--stride 0")
-    assert not cache.exists() or not any(cache.iterdir()), "nothing was tokenized"
 
 
 def call_tool(tool, argv):
@@ -216,7 +212,11 @@ def tool_argv(tool, model, output, *data):
     return [*models, *data, "--output_dir", output, "--report_to", "none", "--save_strategy", "no"]
 
 
-MISSING_SPLITS = {  # case: (tool, data flags, what the one line says)
+EARLY_REFUSALS = {  # case: (tool, data and other flags, what the one line says)
+    "evaluate --stride 0": ("evaluate.py", ["--test_file", "{validation}", "--stride", "0"], ["--stride 0"]),
+    "distil --layer_map naming a missing teacher block": (
+        "distiller.py", ["--train_file", "{train}", "--alpha_hidden", "1", "--layer_map", "0:0,1:7"],
+        ["--layer_map 0:0,1:7", "no block 7"]),
     "evaluate --split test of a train file": (
         "evaluate.py", ["--train_file", "{train}", "--split", "test"], ["--split test", "'test'", "train, validation"]),
     "train on a validation file only": ("train.py", ["--validation_file", "{validation}"], ["'train'", "validation"]),
@@ -232,10 +232,10 @@ MISSING_SPLITS = {  # case: (tool, data flags, what the one line says)
 }
 
 
-@pytest.mark.parametrize("case", MISSING_SPLITS)
-def test_a_missing_split_is_refused_before_any_tokenization(case, tmp_path, monkeypatch, untrained_model,
-                                                            corpus_files, request):
-    tool, data, fragments = MISSING_SPLITS[case]
+@pytest.mark.parametrize("case", EARLY_REFUSALS)
+def test_a_bad_flag_or_missing_split_is_refused_before_any_tokenization(case, tmp_path, monkeypatch, untrained_model,
+                                                                        corpus_files, request):
+    tool, data, fragments = EARLY_REFUSALS[case]
     paths = {"train": corpus_files["train"], "validation": corpus_files["validation"],
              "openwebtext": request.getfixturevalue("openwebtext")[0] if "{openwebtext}" in data else None}
     cache = tmp_path / "cache"
