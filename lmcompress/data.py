@@ -6,6 +6,7 @@ Every token folder records its tokenizer; a model whose tokenizer differs is ref
 """
 import dataclasses
 import os
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,8 @@ import torch
 from .errors import UserError
 from .losses import next_token_targets
 from .tokenfiles import open_split, read_meta
-from .tokenization import TextSources, job_key, describe_sources, tokenize_to_folder
+from .tokenization import (TextSources, describe_sources, existing_key, job_key, planned_splits,
+                           tokenize_to_folder)
 from .vocab import tokenizer_fingerprint, tokenizer_record
 
 
@@ -51,8 +53,19 @@ def cache_root():
     return Path(os.environ.get("LMCOMPRESS_CACHE", default))
 
 
-def resolve_token_folder(data_args, tokenizer, tokenizer_name, main_process_first):
-    """The token folder for the data flags, tokenizing raw text into the cache if needed (main process first)."""
+class TokenPlan(typing.NamedTuple):
+    """Where the tokens of the data flags are (or will be), which splits they have (or will have), and the raw
+    text to tokenize into that folder (None for ``--dataset_dir``)."""
+
+    folder: Path
+    splits: list
+    sources: TextSources = None
+
+
+def plan_tokens(data_args, tokenizer, tokenizer_name):
+    """The ``TokenPlan`` of the data flags, known before anything is tokenized, so that every flag that needs a
+    split is checked first: the splits of a token folder (``--dataset_dir``, or the cache's when it already holds
+    this job) from its meta.json, those of text still to tokenize from ``planned_splits``."""
     if not data_args.has_data():
         raise UserError("no data: give --dataset_dir, --train_file/--validation_file/--test_file or --dataset_name")
     if data_args.dataset_dir:
@@ -60,7 +73,7 @@ def resolve_token_folder(data_args, tokenizer, tokenizer_name, main_process_firs
             raise UserError("--dataset_dir excludes --train_file/--validation_file/--test_file/--dataset_name")
         meta = read_meta(data_args.dataset_dir)
         check_tokenizer(meta, tokenizer, f"--dataset_dir {data_args.dataset_dir}")
-        return Path(data_args.dataset_dir)
+        return TokenPlan(Path(data_args.dataset_dir), list(meta["splits"]))
     files = {split: [path] for split, path in
              (("train", data_args.train_file), ("validation", data_args.validation_file),
               ("test", data_args.test_file)) if path}
@@ -70,17 +83,33 @@ def resolve_token_folder(data_args, tokenizer, tokenizer_name, main_process_firs
                           data_args.dataset_name else 0)
     key = job_key(sources, describe_sources(sources), tokenizer_record(tokenizer, tokenizer_name))
     folder = cache_root() / key[:24]
-    with main_process_first():
-        tokenize_to_folder(sources, tokenizer, tokenizer_name, folder, num_proc=data_args.preprocessing_num_workers)
-    return folder
+    splits = list(read_meta(folder)["splits"]) if existing_key(folder) == key else planned_splits(sources)
+    return TokenPlan(folder, splits, sources)
+
+
+def resolve_token_folder(data_args, tokenizer, tokenizer_name, main_process_first, plan=None):
+    """The token folder of ``plan`` (default: the data flags' ``plan_tokens``), tokenizing raw text into the
+    cache if needed (main process first)."""
+    plan = plan or plan_tokens(data_args, tokenizer, tokenizer_name)
+    if plan.sources is not None:
+        with main_process_first():
+            tokenize_to_folder(plan.sources, tokenizer, tokenizer_name, plan.folder,
+                               num_proc=data_args.preprocessing_num_workers)
+    return plan.folder
+
+
+def require_planned_split(splits, split, data_args, asked_by=None, remedy=None):
+    """Refuse data whose ``splits`` lack ``split``, naming the data as the user gave it and the flag that asked
+    for the split (``asked_by``, e.g. ``--split test``)."""
+    if split not in splits:
+        raise UserError(f"{asked_by + ': ' if asked_by else ''}{data_args.describe()} has no '{split}' split (it has: "
+                        f"{', '.join(splits)}); {remedy or f'give data with a {split} split'}")
 
 
 def require_split(meta, split, data_args, flag=None):
-    """Refuse a split the data lacks before any model is loaded, naming the data as the user gave it."""
-    if split not in meta["splits"]:
-        chosen = f"{flag} {split}: " if flag else ""
-        raise UserError(f"{chosen}{data_args.describe()} has no '{split}' split (it has: {', '.join(meta['splits'])}); "
-                        f"give data with a {split} split" + (" or choose one of those" if flag else ""))
+    """``require_planned_split`` on a token folder's meta.json, with ``flag`` the one that chose ``split``."""
+    require_planned_split(list(meta["splits"]), split, data_args, flag and f"{flag} {split}",
+                          flag and f"give data with a {split} split or choose one of those")
 
 
 def check_tokenizer(meta, tokenizer, what):

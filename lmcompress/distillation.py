@@ -324,11 +324,9 @@ def build_trainer(argv=None):
     student = load_student(args, student_config)
     if args.freeze_pos_embs:
         freeze_position_embeddings(student)
-    data = prepare_data(data_args, tokenizer, tokenizer_name, student_config)
-    if training_args.eval_strategy != "no" and data.eval_tokens is None:
-        raise UserError(f"--eval_strategy {training_args.eval_strategy}: the data has no validation split")
     teacher = load_causal_lm(teacher_config, args.teacher_name_or_path, "--teacher_name_or_path")
-    taps = intermediate.Taps(args, student, teacher, args.student_name_or_path, TRUNCATION_FILE)
+    taps = intermediate.Taps(args, student, teacher, args.student_name_or_path, TRUNCATION_FILE)  # refuses a bad --layer_map
+    data = prepare_data(data_args, tokenizer, tokenizer_name, student_config, training_args.eval_strategy.value)
     trainer = DistillationTrainer(model=student, args=training_args, train_dataset=data.train_dataset,
                                   data_collator=default_data_collator, processing_class=tokenizer,
                                   eval_tokens=data.eval_tokens, block_size=data.block_size,

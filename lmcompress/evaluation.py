@@ -9,13 +9,14 @@ import torch
 
 from . import deepspeed_support
 from .cli import parse_dataclass_args
-from .data import DataArguments, check_vocabulary, choose_block_size, require_split, resolve_token_folder
+from .data import (DataArguments, check_vocabulary, choose_block_size, plan_tokens, require_planned_split,
+                   resolve_token_folder)
 from .distributed import COLLECTIVE_TIMEOUT_S, end_process_group, init_distributed, local_main_first
 from .errors import UserError, entry_point, require_writable_folder
 from .jsonio import write_json
 from .models import load_causal_lm, load_config, n_positions
 from .perplexity import check_stride, perplexity_from, reduce_sums, stream_nll, window_spans, word_perplexity
-from .throughput import evaluation_throughput
+from .throughput import evaluation_throughput, peak_gpu_memory
 from .tokenfiles import open_split, read_meta
 from .vocab import load_tokenizer
 
@@ -111,10 +112,12 @@ def main(argv=None):
     block_size = choose_block_size(data_args.block_size, n_positions(config))
     stride = block_size if args.stride is None else args.stride
     check_stride(stride, block_size)
-    folder = resolve_token_folder(data_args, tokenizer, tokenizer_name, local_main_first)
+    plan = plan_tokens(data_args, tokenizer, tokenizer_name)
+    require_planned_split(plan.splits, args.split, data_args, f"--split {args.split}",
+                          f"give data with a {args.split} split or choose one of those")
+    folder = resolve_token_folder(data_args, tokenizer, tokenizer_name, local_main_first, plan)
     meta = read_meta(folder)
     check_vocabulary(meta, config, str(folder))
-    require_split(meta, args.split, data_args, "--split")
     tokens = open_split(folder, args.split, "--split")
     if len(tokens) < 2:
         raise UserError(f"{folder}/{args.split}.bin: fewer than two tokens, nothing to score")
@@ -136,6 +139,7 @@ def main(argv=None):
         # tokens/s of scored tokens; MFU (forward FLOPs of every token fed, windows overlap) when the peak is known
         **evaluation_throughput(model, block_size, n_scored, runtime, args.peak_tflops, world_size,
                                 n_fed=len(window_spans(len(tokens), block_size, stride)) * block_size),
+        **peak_gpu_memory(),
     }
     if rank == 0:
         write_json(output_file, result)

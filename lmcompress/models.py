@@ -6,7 +6,7 @@ import torch
 
 from .errors import UserError
 from .jsonio import read_json
-from .vocab import first_line, require_folder_if_local
+from .vocab import first_line, load_failure, require_folder_if_local
 
 
 def n_positions(config):
@@ -45,9 +45,7 @@ def _from_pretrained(cls, name_or_path, flag, **kwargs):
     try:
         return cls.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError, KeyError) as err:
-        offline = (" (offline: give a local folder)" if os.environ.get("HF_HUB_OFFLINE")
-                   and not os.path.isdir(name_or_path) else "")
-        raise UserError(f"{flag} {name_or_path}: cannot load{offline}: {first_line(err)}") from err
+        raise load_failure(name_or_path, flag, None, err) from err
 
 
 def load_causal_lm(config, model_name_or_path=None, flag="--model_name_or_path"):

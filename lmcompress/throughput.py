@@ -105,3 +105,9 @@ def evaluation_throughput(model, block_size, n_tokens, seconds, peak_tflops=None
         fed_per_second = (n_fed or n_tokens) / max(seconds, 1e-9)
         result["mfu"] = round(mfu(fed_per_second, flops, peak, n_devices), 6)
     return result
+
+
+def peak_gpu_memory():
+    """``peak_memory_bytes``: the most this process's CUDA device held in tensors since the process started
+    (``torch.cuda.max_memory_allocated``: weights, optimizer state, gradients, activations); nothing on CPU."""
+    return {"peak_memory_bytes": torch.cuda.max_memory_allocated()} if torch.cuda.is_available() else {}

@@ -7,6 +7,7 @@ and decoding a split gives back its text byte for byte. Documents (a local file,
 followed by the end-of-text token. Pieces are encoded in batches, in worker processes with ``num_proc`` > 1.
 """
 import codecs
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -190,24 +191,66 @@ def records(dataset, column, batch_size=RECORDS_PER_BATCH):
         yield from batch[column]
 
 
-def load_hub_splits(sources):
-    import datasets
-
+@contextlib.contextmanager
+def hub_errors(sources):
+    """A dataset that datasets cannot find or load, in one line."""
     try:
-        loaded = datasets.load_dataset(sources.dataset_name, sources.dataset_config_name)
+        yield
     except Exception as err:  # datasets raises many types for a missing or unreachable dataset
         offline = (" (offline: the dataset must be in the local cache)" if os.environ.get("HF_DATASETS_OFFLINE")
                    and not os.path.isdir(sources.dataset_name) else "")
         raise UserError(f"{sources.describe()}: cannot load{offline}: {first_line(err)}") from err
-    splits = {name: loaded[name] for name in SPLITS if name in loaded}
+
+
+def known_splits(names, sources):
+    """The train, validation and test splits among a dataset's split ``names``, in that order; at least one."""
+    found = [name for name in SPLITS if name in names]
+    if not found:
+        raise UserError(f"{sources.describe()}: no train, validation or test split (it has: {', '.join(names) or 'none'})")
+    return found
+
+
+def load_hub_splits(sources):
+    import datasets
+
+    with hub_errors(sources):
+        loaded = datasets.load_dataset(sources.dataset_name, sources.dataset_config_name)
+    splits = {name: loaded[name] for name in known_splits(list(loaded), sources)}
     if "train" in splits and "validation" not in splits:
         n_validation = int(len(splits["train"]) * sources.validation_split_percentage / 100)
         splits["validation"] = splits["train"].select(range(n_validation))
         splits["train"] = splits["train"].select(range(n_validation, len(splits["train"])))
-    if not splits:
-        raise UserError(f"{sources.describe()}: no train, validation or test split "
-                        f"(it has: {', '.join(loaded) or 'none'})")
     return splits
+
+
+def planned_splits(sources):
+    """The splits tokenizing ``sources`` writes, known before any text is read: those given, and a validation
+    split carved from train when none is given and ``validation_split_percentage`` asks for one. A hub
+    dataset's are read from its split names (a train split of fewer than 100 / percentage records carves none)."""
+    if sources.dataset_name:
+        import datasets
+
+        with hub_errors(sources):
+            names = datasets.get_dataset_split_names(sources.dataset_name, sources.dataset_config_name)
+        given = known_splits(names, sources)
+        carves = sources.validation_split_percentage > 0
+    else:
+        given = [split for split in SPLITS if split in sources.files]
+        for split in given:
+            for path in sources.files[split]:
+                require_file(path, f"--{split}_file")
+        carves = validation_budget(sources) > 0
+    if "train" in given and "validation" not in given and carves:
+        given.insert(1, "validation")
+    return given
+
+
+def validation_budget(sources):
+    """The bytes of local train text that go to the validation split (none when a validation file is given)."""
+    if "validation" in sources.files:
+        return 0
+    train_bytes = sum(os.path.getsize(path) for path in sources.files.get("train", []))
+    return int(train_bytes * sources.validation_split_percentage / 100)
 
 
 def text_column(dataset, name):
@@ -366,9 +409,8 @@ def tokenize_to_folder(sources, tokenizer, tokenizer_name, output_dir, num_proc=
     else:
         documents = local_documents(sources, cleaner)
         total = sum(os.path.getsize(path) for paths in sources.files.values() for path in paths)
-        if "validation" not in sources.files and sources.validation_split_percentage > 0:
-            train_bytes = sum(os.path.getsize(path) for path in sources.files.get("train", []))
-            documents = carve_validation(documents, int(train_bytes * sources.validation_split_percentage / 100))
+        if validation_budget(sources) > 0:
+            documents = carve_validation(documents, validation_budget(sources))
 
     dtype = token_dtype(info["vocab_size"])
     with StagedFolder(output_dir) as staged:

@@ -16,8 +16,8 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from . import deepspeed_support, faults
 from .cli import parse_dataclass_args
-from .data import (BlockDataset, DataArguments, check_vocabulary, choose_block_size, require_split,
-                   resolve_token_folder)
+from .data import (BlockDataset, DataArguments, check_vocabulary, choose_block_size, plan_tokens,
+                   require_planned_split, resolve_token_folder)
 from .distributed import COLLECTIVE_TIMEOUT_S, local_main_first, start_process_group
 from .errors import UserError, entry_point, removed_on_failure, require_writable_folder
 from .jsonio import write_json
@@ -25,7 +25,7 @@ from .losses import IGNORE_INDEX, summed_nll
 from .models import is_trained_model_folder, load_causal_lm, load_config, n_positions, plain_output_head
 from .perplexity import perplexity_from, reduce_sums, stream_nll
 from .tokenfiles import open_split, read_meta
-from .throughput import ThroughputCallback, count_parameters
+from .throughput import ThroughputCallback, count_parameters, peak_gpu_memory
 from .vocab import load_tokenizer
 
 
@@ -226,12 +226,19 @@ class PreparedData:
     eval_tokens: object
 
 
-def prepare_data(data_args, tokenizer, tokenizer_name, config, what="the data"):
+def prepare_data(data_args, tokenizer, tokenizer_name, config, eval_strategy="no", what="the data"):
+    """The blocks to train on and the validation tokens; every split the run needs (train, and validation when
+    ``eval_strategy`` evaluates during training) is checked before anything is tokenized."""
     block_size = choose_block_size(data_args.block_size, n_positions(config))
-    folder = resolve_token_folder(data_args, tokenizer, tokenizer_name, local_main_first)
+    plan = plan_tokens(data_args, tokenizer, tokenizer_name)
+    require_planned_split(plan.splits, "train", data_args)
+    if eval_strategy != "no":
+        require_planned_split(plan.splits, "validation", data_args, f"--eval_strategy {eval_strategy}",
+                              "give --validation_file (or a --validation_split_percentage to carve one from train) "
+                              "or --eval_strategy no")
+    folder = resolve_token_folder(data_args, tokenizer, tokenizer_name, local_main_first, plan)
     meta = read_meta(folder)
     check_vocabulary(meta, config, what)
-    require_split(meta, "train", data_args)
     train_dataset = BlockDataset(folder, "train", block_size)
     eval_tokens = open_split(folder, "validation") if "validation" in meta["splits"] else None
     if eval_tokens is not None and len(eval_tokens) < 2:
@@ -261,7 +268,7 @@ def train_and_evaluate(trainer, resume):
     tokens_per_step = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
                        * training_args.world_size * trainer.block_size)
     metrics = {**result.metrics, "train_tokens": trainer.state.global_step * tokens_per_step,
-               "n_parameters": count_parameters(trainer.model)}
+               "n_parameters": count_parameters(trainer.model), **peak_gpu_memory()}
     if trainer.is_world_process_zero():
         write_json(os.path.join(training_args.output_dir, "train_results.json"), metrics)
         trainer.state.save_to_json(os.path.join(training_args.output_dir, "trainer_state.json"))
@@ -300,9 +307,7 @@ def build_trainer(argv=None):
         raise UserError("--tokenizer_name is required with --config_name (no model folder to take it from)")
     tokenizer = load_tokenizer(tokenizer_name, "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path")
     config = load_config(model_args.config_name, model_args.model_name_or_path)
-    data = prepare_data(data_args, tokenizer, tokenizer_name, config)
-    if training_args.eval_strategy != "no" and data.eval_tokens is None:
-        raise UserError(f"--eval_strategy {training_args.eval_strategy}: the data has no validation split")
+    data = prepare_data(data_args, tokenizer, tokenizer_name, config, training_args.eval_strategy.value)
     model = load_causal_lm(config, None if model_args.config_name else model_args.model_name_or_path)
     trainer = LMTrainer(model=model, args=training_args, train_dataset=data.train_dataset,
                         data_collator=default_data_collator, processing_class=tokenizer,

@@ -6,14 +6,38 @@ import os
 from .errors import UserError
 
 
+MAKES_FOLDERS = ("truncate.py writes truncated students, train.py and distiller.py their --output_dir; run the step "
+                 "that makes it first")
+
+
+def names_a_local_folder(name_or_path):
+    """Whether ``name_or_path`` is a local path rather than a hub id (``name`` or ``org/name``): absolute or
+    starting with ``.``, deeper than ``org/name``, existing, or inside a folder that exists here (``outputs/finetune``
+    when ``outputs/`` does)."""
+    return (os.path.isabs(name_or_path) or name_or_path.startswith(".") or name_or_path.count("/") > 1
+            or os.path.exists(name_or_path) or ("/" in name_or_path and os.path.isdir(name_or_path.split("/")[0])))
+
+
 def require_folder_if_local(name_or_path, flag):
-    """Refuse a path that names a local folder (absolute, relative, or deeper than the hub's ``owner/name``) that
-    does not exist, so a missing folder is not reported as a malformed hub name."""
-    looks_local = (os.path.isabs(name_or_path) or name_or_path.startswith(".") or name_or_path.count("/") > 1
-                   or os.path.exists(name_or_path))
-    if looks_local and not os.path.isdir(name_or_path):
-        raise UserError(f"{flag} {name_or_path}: no such folder (truncate.py writes truncated students, train.py "
-                        "and distiller.py their --output_dir; run the step that makes it first)")
+    """Refuse a local path (``names_a_local_folder``) that is not a folder, so a missing folder is not reported as
+    a malformed hub name."""
+    if names_a_local_folder(name_or_path) and not os.path.isdir(name_or_path):
+        raise UserError(f"{flag} {name_or_path}: no such folder ({MAKES_FOLDERS})")
+
+
+def hub_offline():
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def load_failure(name_or_path, flag, what, err):
+    """The one-line error for a model, config or tokenizer (``what``) that did not load. A name of the form
+    ``org/name`` that is no folder here is either a folder not made yet or a hub model: the line says both."""
+    offline = hub_offline() and not os.path.isdir(name_or_path)
+    if not os.path.isdir(name_or_path) and name_or_path.count("/") == 1:
+        hub = "nor a hub model in the local cache (offline)" if offline else f"nor a hub model: {first_line(err)}"
+        return UserError(f"{flag} {name_or_path}: no such folder ({MAKES_FOLDERS}), {hub}")
+    hint = " (offline: give a local folder written by save_pretrained)" if offline else ""
+    return UserError(f"{flag} {name_or_path}: cannot load{' ' + what if what else ''}{hint}: {first_line(err)}")
 
 
 def load_tokenizer(name_or_path, flag="--tokenizer_name"):
@@ -26,8 +50,7 @@ def load_tokenizer(name_or_path, flag="--tokenizer_name"):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
-        hint = " (offline: give a local folder written by save_pretrained)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        raise UserError(f"{flag} {name_or_path}: cannot load a tokenizer{hint}: {first_line(err)}") from err
+        raise load_failure(name_or_path, flag, "a tokenizer", err) from err
     if getattr(tokenizer, "backend_tokenizer", None) is None:
         raise UserError(f"{flag} {name_or_path}: a fast (Rust) tokenizer is required; save one with tokenizer.json")
     if tokenizer.eos_token_id is None:

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# GPU check (issue 4), one GPU, offline, under 8 minutes: CUDA fp16 and bf16 training and distillation steps with
+# GPU check, one GPU, offline, under 8 minutes: CUDA fp16 and bf16 training and distillation steps with
 # GPT-2-small-sized random models, DeepSpeed ZeRO-2 with optimizer offload and ZeRO-3 (training, distillation and
-# ZeRO inference), and evaluate.py in fp16. Each run must have a finite, falling loss (or a finite perplexity) and
-# prints a tokens/s and MFU line; the script exits 1 if any run failed. Tokenizer and models are made on the fly.
+# ZeRO inference), and evaluate.py in fp16 and bf16. Each run must have a finite, falling loss (or a finite
+# perplexity) and prints its tokens/s, MFU and peak GPU memory (peak_memory_bytes of train_results.json or of the
+# perplexity JSON); the script first prints the PRECISION default the launch scripts give this GPU, and exits 1 if
+# any run failed. Tokenizer and models are made on the fly.
 #   bash tests/gpu_check.sh
 set -euo pipefail
 
@@ -18,7 +20,10 @@ RUN_TIMEOUT=${RUN_TIMEOUT:-240}        # seconds per run
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false LMCOMPRESS_CACHE="$WORK_DIR/token-cache"
 export NPROC_PER_NODE=1 NNODES=1
+unset PRECISION  # so that lib.sh sets the default it gives this GPU
+# shellcheck source=scripts/lib.sh
 source scripts/lib.sh
+DEFAULT_PRECISION=$PRECISION
 DATA=$WORK_DIR/data
 FAILED=()
 
@@ -68,6 +73,7 @@ if kind == "eval":
     tokens_per_second = result["tokens_per_second"]
     flops = flops_per_token(folder / "config.json", 1)
     detail = f"perplexity {result['perplexity']:.1f} ({result['precision']})"
+    peak_bytes = result.get("peak_memory_bytes")
 else:
     state = json.loads((folder / "trainer_state.json").read_text())
     losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
@@ -75,13 +81,16 @@ else:
     ok = all(math.isfinite(loss) for loss in losses) and tail < head - 0.3
     results = json.loads((folder / "train_results.json").read_text())
     tokens_per_second = results.get("train_tokens", steps * batch * block) / results["train_runtime"]
+    peak_bytes = results.get("peak_memory_bytes")
     flops = flops_per_token(folder / "config.json", 3)
     if kind == "distil":
         flops += flops_per_token(json.loads((folder / "distillation.json").read_text())["teacher"] + "/config.json", 1)
     detail = f"loss {head:.3f} -> {tail:.3f} over {len(losses)} logs (runtime includes the first steps' warm-up)"
 mfu = f"{100 * tokens_per_second * flops / (peak * 1e12):.1f}%" if peak else "n/a (set PEAK_TFLOPS)"
-print(f"[{'PASS' if ok else 'FAIL'}] {name:<22} {detail}; {tokens_per_second:,.0f} tokens/s; MFU {mfu} on {gpu}",
-      flush=True)
+ok = ok and peak_bytes is not None
+peak_memory = f"{peak_bytes / 2**30:.2f} GiB" if peak_bytes is not None else "missing"
+print(f"[{'PASS' if ok else 'FAIL'}] {name:<22} {detail}; {tokens_per_second:,.0f} tokens/s; MFU {mfu}; "
+      f"peak GPU memory {peak_memory} on {gpu}", flush=True)
 sys.exit(0 if ok else 1)
 EOF
 }
@@ -97,45 +106,35 @@ check() {
   fi
 }
 
-train_env() {  # train_env PRECISION OUTPUT_DIR: the variables shared by the training runs
-  echo CONFIG="$DATA/gpt2-small.json" TOKENIZER="$DATA/tokenizer" TRAIN_FILE="$DATA/train.txt" \
-    VALIDATION_FILE="$DATA/validation.txt" PRECISION="$1" OUTPUT_DIR="$2" BLOCK_SIZE="$BLOCK_SIZE" \
-    BATCH_SIZE="$BATCH_SIZE" EVAL_BATCH_SIZE="$BATCH_SIZE" GRAD_ACC=1 LEARNING_RATE="$LEARNING_RATE" \
-    WARMUP_RATIO=0.1 LOGGING_STEPS=2
-}
-
-distil_env() {  # distil_env PRECISION OUTPUT_DIR
-  echo TEACHER="$WORK_DIR/train-bf16" STUDENT_CONFIG="$DATA/student.json" TOKENIZER="$DATA/tokenizer" \
-    TRAIN_FILE="$DATA/train.txt" VALIDATION_FILE="$DATA/validation.txt" PRECISION="$1" OUTPUT_DIR="$2" \
-    BLOCK_SIZE="$BLOCK_SIZE" BATCH_SIZE="$BATCH_SIZE" EVAL_BATCH_SIZE="$BATCH_SIZE" GRAD_ACC=1 \
-    LEARNING_RATE="$LEARNING_RATE" WARMUP_RATIO=0.1 LOGGING_STEPS=2
-}
+# The variables of the runs, as env arguments; each run adds PRECISION and OUTPUT_DIR.
+COMMON_ENV=(TOKENIZER="$DATA/tokenizer" TRAIN_FILE="$DATA/train.txt" VALIDATION_FILE="$DATA/validation.txt"
+            BLOCK_SIZE="$BLOCK_SIZE" BATCH_SIZE="$BATCH_SIZE" EVAL_BATCH_SIZE="$BATCH_SIZE" GRAD_ACC=1
+            LEARNING_RATE="$LEARNING_RATE" WARMUP_RATIO=0.1 LOGGING_STEPS=2)
+TRAIN_ENV=("${COMMON_ENV[@]}" CONFIG="$DATA/gpt2-small.json")
+DISTIL_ENV=("${COMMON_ENV[@]}" TEACHER="$WORK_DIR/train-bf16" STUDENT_CONFIG="$DATA/student.json")
 
 FLAGS=(--max_steps "$STEPS" --eval_strategy no --save_strategy no --report_to none --overwrite_output_dir)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-# The launch scripts' PRECISION default for this GPU (scripts/lib.sh): bf16 from compute capability 8.0, else fp16.
-"$PYTHON" -c 'import torch; major, minor = torch.cuda.get_device_capability(0)
-print(f"compute capability {major}.{minor}: PRECISION defaults to", "bf16" if major >= 8 else "fp16")' || true
+echo "PRECISION defaults to $DEFAULT_PRECISION on this machine (scripts/lib.sh: bf16 from compute capability 8.0," \
+  "fp16 before, fp32 without a GPU; compute capability $GPU_MAJOR.x)"
 prepare
 for precision in fp16 bf16; do
-  # shellcheck disable=SC2046
   check "train $precision" train "$WORK_DIR/train-$precision" \
-    env $(train_env "$precision" "$WORK_DIR/train-$precision") bash train.sh "${FLAGS[@]}"
+    env "${TRAIN_ENV[@]}" PRECISION="$precision" OUTPUT_DIR="$WORK_DIR/train-$precision" bash train.sh "${FLAGS[@]}"
 done
 for precision in fp16 bf16; do
-  # shellcheck disable=SC2046
   check "distil $precision" distil "$WORK_DIR/distil-$precision" \
-    env $(distil_env "$precision" "$WORK_DIR/distil-$precision") bash distil.sh "${FLAGS[@]}"
+    env "${DISTIL_ENV[@]}" PRECISION="$precision" OUTPUT_DIR="$WORK_DIR/distil-$precision" bash distil.sh "${FLAGS[@]}"
 done
-# shellcheck disable=SC2046
 check "ZeRO-2 offload fp16" train "$WORK_DIR/zero2" \
-  env $(train_env fp16 "$WORK_DIR/zero2") DS_CONFIG=ds_config.json bash train_deepspeed.sh "${FLAGS[@]}"
-# shellcheck disable=SC2046
+  env "${TRAIN_ENV[@]}" PRECISION=fp16 OUTPUT_DIR="$WORK_DIR/zero2" DS_CONFIG=ds_config.json \
+  bash train_deepspeed.sh "${FLAGS[@]}"
 check "ZeRO-3 bf16" train "$WORK_DIR/zero3" \
-  env $(train_env bf16 "$WORK_DIR/zero3") DS_CONFIG=ds_config_zero3.json bash train_deepspeed.sh "${FLAGS[@]}"
-# shellcheck disable=SC2046
+  env "${TRAIN_ENV[@]}" PRECISION=bf16 OUTPUT_DIR="$WORK_DIR/zero3" DS_CONFIG=ds_config_zero3.json \
+  bash train_deepspeed.sh "${FLAGS[@]}"
 check "distil ZeRO-3 fp16" distil "$WORK_DIR/distil-zero3" \
-  env $(distil_env fp16 "$WORK_DIR/distil-zero3") DS_CONFIG=ds_config_zero3.json bash distil_deepspeed.sh "${FLAGS[@]}"
+  env "${DISTIL_ENV[@]}" PRECISION=fp16 OUTPUT_DIR="$WORK_DIR/distil-zero3" DS_CONFIG=ds_config_zero3.json \
+  bash distil_deepspeed.sh "${FLAGS[@]}"
 check "evaluate fp16" eval "$WORK_DIR/train-fp16" \
   env MODEL="$WORK_DIR/train-fp16" TEST_FILE="$DATA/test.txt" PRECISION=fp16 BLOCK_SIZE="$BLOCK_SIZE" bash evaluate.sh
 # bf16 evaluation (the issue's figure: run the whole script with BLOCK_SIZE=1024 for block 1024 throughout)

@@ -11,6 +11,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import REPO, assert_one_line_error, run, write_config
+from lmcompress.errors import UserError
+from lmcompress.models import load_config
 from lmcompress.tokenization import TextSources, describe_sources, hub_documents, job_key, load_hub_splits
 from test_faults import torchrun
 from test_tokenize import decode_split
@@ -150,11 +152,13 @@ def test_an_edited_dataset_folder_is_a_new_tokenization_job(tmp_path):
 
 
 def test_train_distil_and_evaluate_take_the_dataset_by_name(tmp_path, wikitext, untrained_model):
-    """Tokenized once, on first use, by one rank while the other waits; then reused by every tool."""
+    """Tokenized on first use, under torchrun by one rank while the other waits (train.py, then evaluate.py on
+    another config), and reused (distiller.py takes train.py's tokens)."""
     folder, _ = wikitext
     cache = tmp_path / "cache"
     env = {"LMCOMPRESS_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
-    data = ["--dataset_name", folder, "--dataset_config_name", WIKITEXT_CONFIG, "--block_size", "32"]
+    by_name = ["--dataset_name", folder, "--block_size", "32"]
+    data = [*by_name, "--dataset_config_name", WIKITEXT_CONFIG]
     steps = ["--per_device_train_batch_size", "2", "--max_steps", "2", "--save_strategy", "no", "--report_to", "none"]
     trained = run([*torchrun(), REPO / "train.py", "--model_name_or_path", untrained_model, *data, *steps,
                    "--output_dir", tmp_path / "train"], env=env)
@@ -166,11 +170,14 @@ def test_train_distil_and_evaluate_take_the_dataset_by_name(tmp_path, wikitext, 
     distilled = run(["distiller.py", "--teacher_name_or_path", untrained_model, "--student_config", student, *data,
                      *steps, "--output_dir", tmp_path / "distil"], env=env)
     assert "Reusing" in distilled.stdout and (tmp_path / "distil" / "model.safetensors").is_file()
-    run(["evaluate.py", "--model_name_or_path", tmp_path / "train", *data, "--output_file", tmp_path / "ppl.json",
-         "--report_to", "none"], env=env)
+    evaluated = run([*torchrun(), REPO / "evaluate.py", "--model_name_or_path", tmp_path / "train", *by_name,
+                     "--dataset_config_name", "wikitext-2-raw-v1", "--output_file", tmp_path / "ppl.json",
+                     "--report_to", "none"], env=env)
+    assert evaluated.stdout.count("Reusing") == 1, "one rank tokenizes, the other finds its folder"
     result = json.loads((tmp_path / "ppl.json").read_text())
-    assert result["data"] == str(token_folders[0]) and math.isfinite(result["perplexity"])
-    assert [path for path in cache.iterdir() if not path.name.startswith(".")] == token_folders
+    assert math.isfinite(result["perplexity"]) and result["world_size"] == 2
+    folders = {path for path in cache.iterdir() if not path.name.startswith(".")}
+    assert len(folders) == 2 and token_folders[0] in folders and result["data"] in map(str, folders - {token_folders[0]})
 
 
 def test_a_dataset_without_a_text_column_fails_in_one_line(tmp_path, tokenizer_dir):
@@ -187,19 +194,56 @@ def test_an_unknown_config_fails_in_one_line(tmp_path, tokenizer_dir, wikitext):
     assert_one_line_error(result, "--dataset_name", "wikitext-7", WIKITEXT_CONFIG)
 
 
-def test_a_missing_split_fails_in_one_line(tmp_path, openwebtext, untrained_model):
-    result = run(["evaluate.py", "--model_name_or_path", untrained_model, "--dataset_name", openwebtext[0],
-                  "--split", "test", "--block_size", "32", "--output_file", tmp_path / "ppl.json"], check=False)
-    assert_one_line_error(result, "--split test", f"--dataset_name {openwebtext[0]}", "train, validation")
-    assert not (tmp_path / "ppl.json").exists()
+def call_tool(tool, argv):
+    """train.py's, distiller.py's or evaluate.py's work up to where a bad flag must have been refused."""
+    from lmcompress import distillation, evaluation, training
+
+    argv = [str(arg) for arg in argv]
+    if tool == "evaluate.py":
+        return evaluation.main.__wrapped__(argv)
+    return (training if tool == "train.py" else distillation).build_trainer(argv)
 
 
-def test_a_bad_stride_is_refused_before_any_tokenization(tmp_path, untrained_model, corpus_files):
+def tool_argv(tool, model, output, *data):
+    if tool == "evaluate.py":
+        return ["--model_name_or_path", model, *data, "--output_file", output / "ppl.json", "--report_to", "none"]
+    models = (["--model_name_or_path", model] if tool == "train.py" else
+              ["--teacher_name_or_path", model, "--student_name_or_path", model])
+    return [*models, *data, "--output_dir", output, "--report_to", "none", "--save_strategy", "no"]
+
+
+EARLY_REFUSALS = {  # case: (tool, data and other flags, what the one line says)
+    "evaluate --stride 0": ("evaluate.py", ["--test_file", "{validation}", "--stride", "0"], ["--stride 0"]),
+    "distil --layer_map naming a missing teacher block": (
+        "distiller.py", ["--train_file", "{train}", "--alpha_hidden", "1", "--layer_map", "0:0,1:7"],
+        ["--layer_map 0:0,1:7", "no block 7"]),
+    "evaluate --split test of a train file": (
+        "evaluate.py", ["--train_file", "{train}", "--split", "test"], ["--split test", "'test'", "train, validation"]),
+    "train on a validation file only": ("train.py", ["--validation_file", "{validation}"], ["'train'", "validation"]),
+    "train evaluating with no validation data": (
+        "train.py", ["--train_file", "{train}", "--validation_split_percentage", "0", "--eval_strategy", "steps"],
+        ["--eval_strategy steps", "'validation'", "--validation_file"]),
+    "distil evaluating with no validation data": (
+        "distiller.py", ["--train_file", "{train}", "--validation_split_percentage", "0", "--eval_strategy", "steps"],
+        ["--eval_strategy steps", "'validation'", "--validation_file"]),
+    "evaluate --split test of a hub dataset with a train split only": (
+        "evaluate.py", ["--dataset_name", "{openwebtext}", "--split", "test"],
+        ["--split test", "--dataset_name", "has no 'test' split (it has: train, validation)"]),
+}
+
+
+@pytest.mark.parametrize("case", EARLY_REFUSALS)
+def test_a_bad_flag_or_missing_split_is_refused_before_any_tokenization(case, tmp_path, monkeypatch, untrained_model,
+                                                                        corpus_files, request):
+    tool, data, fragments = EARLY_REFUSALS[case]
+    paths = {"train": corpus_files["train"], "validation": corpus_files["validation"],
+             "openwebtext": request.getfixturevalue("openwebtext")[0] if "{openwebtext}" in data else None}
     cache = tmp_path / "cache"
-    result = run(["evaluate.py", "--model_name_or_path", untrained_model, "--test_file", corpus_files["validation"],
-                  "--split", "test", "--block_size", "32", "--stride", "0"],
-                 env={"LMCOMPRESS_CACHE": str(cache)}, check=False)
-    assert_one_line_error(result, "--stride 0")
+    monkeypatch.setenv("LMCOMPRESS_CACHE", str(cache))
+    with pytest.raises(UserError) as refused:
+        call_tool(tool, tool_argv(tool, untrained_model, tmp_path / "out", *[arg.format(**paths) for arg in data]))
+    for fragment in fragments:
+        assert fragment in str(refused.value), str(refused.value)
     assert not cache.exists() or not any(cache.iterdir()), "nothing was tokenized"
 
 
@@ -209,6 +253,25 @@ def test_a_model_folder_that_does_not_exist_says_so(tmp_path, corpus_files):
                   "--output_dir", tmp_path / "out", "--report_to", "none"], cwd=tmp_path, check=False)
     line = assert_one_line_error(result, missing)
     assert "Repo id" not in line and "truncate.py" in line, line
+
+
+@pytest.mark.parametrize("tool", ["train.py", "distiller.py", "evaluate.py"])
+def test_a_model_folder_inside_an_existing_folder_is_a_folder(tool, tmp_path, monkeypatch, untrained_model,
+                                                              corpus_files):
+    """``outputs/finetune`` looks like a hub ``org/name``; with ``outputs/`` here it is a folder not made yet."""
+    (tmp_path / "outputs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    argv = tool_argv(tool, "outputs/finetune", tmp_path / "out", "--train_file", corpus_files["train"])
+    if tool == "distiller.py":
+        argv[1] = untrained_model  # the teacher; the student is the missing folder
+    with pytest.raises(UserError, match="outputs/finetune: no such folder .*truncate.py"):
+        call_tool(tool, argv)
+
+
+def test_an_org_and_name_that_is_neither_a_folder_nor_cached_names_both(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="nosuch-org/model: no such folder .*nor a hub model in the local cache"):
+        load_config(None, "nosuch-org/model")
 
 
 def test_the_launch_scripts_take_the_dataset_by_name(tmp_path, wikitext, untrained_model):
