@@ -74,6 +74,10 @@ case "$SCALE" in
   *) echo "reproduce.sh: error: SCALE=$SCALE: use mini or paper" >&2; exit 2 ;;
 esac
 case "$ARCH" in gpt2|llama) ;; *) echo "reproduce.sh: error: ARCH=$ARCH: use gpt2 or llama" >&2; exit 2 ;; esac
+if [[ "$SCALE" == paper && "$ARCH" != gpt2 ]]; then
+  echo "reproduce.sh: error: ARCH=$ARCH: SCALE=paper compresses the GPT-2 checkpoint; ARCH picks the teacher built here at SCALE=mini (use SCALE=mini ARCH=$ARCH, or drop ARCH)" >&2
+  exit 2
+fi
 
 PRETRAIN_DATA=$ROOT/data/pretrain          # cleaned, as the paper's OpenWebText
 PRETRAIN_RAW=$ROOT/data/pretrain-raw       # the same text, not cleaned: the cleaning table's other row

@@ -135,13 +135,29 @@ def student_state_dict(teacher_state, layers, block_list="transformer.h"):
     return state
 
 
+# Config lists that are not one value per block, however long they are.
+NOT_PER_LAYER = ("architectures", "bos_token_id", "eos_token_id", "pad_token_id", "suppress_tokens",
+                 "begin_suppress_tokens", "bad_words_ids", "mlp_only_layers")
+
+
+def dense_mlp_layers(config, layers):
+    """The student blocks with a dense MLP in a Qwen-MoE-style config, where block i is dense when i is in
+    ``mlp_only_layers`` or (i + 1) is not a multiple of ``decoder_sparse_step``: the new indices of the kept dense
+    blocks, which with a step of 1 give every kept block its teacher's MLP."""
+    listed = set(config.mlp_only_layers)
+    return [new for new, old in enumerate(layers) if old in listed or (old + 1) % config.decoder_sparse_step]
+
+
 def student_config(teacher_config, layers):
-    """The teacher's config with the depth set to ``len(layers)`` and every per-layer list sliced to ``layers``."""
+    """The teacher's config with the depth set to ``len(layers)``, every per-layer list sliced to ``layers`` and
+    the MoE blocks' layer indices renumbered."""
     depth = teacher_config.num_hidden_layers
     values = teacher_config.to_dict()
     for key, value in values.items():
-        if isinstance(value, list) and len(value) == depth:
+        if isinstance(value, list) and len(value) == depth and key not in NOT_PER_LAYER:
             values[key] = [value[i] for i in layers]
+    if hasattr(teacher_config, "mlp_only_layers") and hasattr(teacher_config, "decoder_sparse_step"):
+        values.update(mlp_only_layers=dense_mlp_layers(teacher_config, layers), decoder_sparse_step=1)
     values[teacher_config.attribute_map.get("num_hidden_layers", "num_hidden_layers")] = len(layers)
     return teacher_config.__class__.from_dict(values)
 
@@ -192,8 +208,24 @@ def truncate_model(teacher, layers):
     student = AutoModelForCausalLM.from_config(config).to(teacher.dtype)
     state = student_state_dict(teacher.state_dict(), layers, block_list)
     state = keep_inverse_layer_scaling(state, config, layers, block_list)
+    check_blocks_fit(student.state_dict(), state, type(teacher).__name__)
     student.load_state_dict(state, strict=True)
     return student.eval()
+
+
+def check_blocks_fit(student_state, state, teacher_class):
+    """Refuse in one line a student whose blocks are not the kept teacher blocks: a config field the slicing does
+    not know makes the block structure depend on the layer index."""
+    expected = {name: tuple(tensor.shape) for name, tensor in student_state.items()}
+    given = {name: tuple(tensor.shape) for name, tensor in state.items()}
+    differing = sorted(name for name in expected.keys() | given.keys() if expected.get(name) != given.get(name))
+    if differing:
+        name = differing[0]
+        raise UserError(f"{teacher_class}: truncation cannot keep these blocks ({name}: teacher "
+                        f"{given.get(name, 'none')}, student {expected.get(name, 'none')}): a config field ties the "
+                        "block structure to the layer index and truncation does not renumber it; keep blocks whose "
+                        "structure matches their new positions (--strategy custom --layers) or truncate a teacher "
+                        "whose blocks share one structure")
 
 
 def check_output_folder(output_dir, overwrite):

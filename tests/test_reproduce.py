@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import REPO, run
+from conftest import REPO, assert_one_line_error, run
 
 from lmcompress import report
 from lmcompress.mini import model_config
@@ -102,6 +102,13 @@ def test_unknown_arch_is_refused(tmp_path):
     result = run(["bash", "reproduce.sh"], env={"ARCH": "bert", "DRY_RUN": "1", "OUTPUT_ROOT": tmp_path / "x"},
                  check=False)
     assert result.returncode == 2 and "ARCH=bert" in result.stderr
+
+
+def test_a_llama_arch_at_paper_scale_is_refused_in_one_line(tmp_path):
+    result = run(["bash", "reproduce.sh"], env={"SCALE": "paper", "ARCH": "llama", "DRY_RUN": "1",
+                                                "OUTPUT_ROOT": tmp_path / "x"}, check=False)
+    assert_one_line_error(result, "ARCH=llama", "SCALE=paper", "SCALE=mini")
+    assert result.returncode == 2 and not (tmp_path / "x").exists()
 
 
 def test_unknown_scale_is_refused(tmp_path):
