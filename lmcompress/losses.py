@@ -85,8 +85,11 @@ def _average(total, mask, n_tokens):
 
 
 def _kl_rows(log_p, log_q):
-    """KL(p ‖ q) = Σ_v p (log p − log q) per row, with 0 · log 0 = 0 where p is 0 (a ``-inf`` logit)."""
-    return torch.where(log_p == -math.inf, 0.0, log_p.exp() * (log_p - log_q)).sum(-1)
+    """KL(p ‖ q) = Σ_v p (log p − log q) per row, with 0 · log 0 = 0 where p is 0 (a ``-inf`` logit). Those
+    entries are zeroed before the product, not after: its gradient there would be 0 · ∞."""
+    impossible = log_p == -math.inf
+    log_p, log_q = log_p.masked_fill(impossible, 0), log_q.masked_fill(impossible, 0)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 def divergence_rows(student_logits, teacher_logits, temperature, divergence="forward_kl", jsd_beta=0.5):
@@ -103,7 +106,11 @@ def divergence_rows(student_logits, teacher_logits, temperature, divergence="for
     if divergence == "reverse_kl":
         return _kl_rows(log_student, log_teacher)
     if divergence == "jsd":
-        log_mixture = torch.logaddexp(log_teacher + math.log(jsd_beta), log_student + math.log1p(-jsd_beta))
+        # Where both are -inf so is the mixture, and logaddexp's gradient is 0 · ∞; _kl_rows drops those
+        # entries from both terms, so any finite stand-in will do.
+        impossible = (log_teacher == -math.inf) & (log_student == -math.inf)
+        log_mixture = torch.logaddexp(log_teacher.masked_fill(impossible, 0) + math.log(jsd_beta),
+                                      log_student.masked_fill(impossible, 0) + math.log1p(-jsd_beta))
         return jsd_beta * _kl_rows(log_teacher, log_mixture) + (1 - jsd_beta) * _kl_rows(log_student, log_mixture)
     raise ValueError(f"unknown divergence {divergence!r}; choose from {', '.join(DIVERGENCES)}")
 

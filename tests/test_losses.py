@@ -193,13 +193,22 @@ def test_summed_nll_refuses_second_derivatives():
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_minus_infinity_logits_give_finite_divergences(divergence):
-    """A masked vocabulary entry (-inf in both models) has probability 0, and 0 · log 0 = 0 as in F.kl_div."""
+def test_minus_infinity_logits_give_finite_divergences_and_gradients(divergence):
+    """A masked vocabulary entry (-inf in both models) has probability 0, and 0 · log 0 = 0 as in F.kl_div: loss
+    and gradients equal those over the vocabulary without it (the gradient of the masked entry is its limit, 0)."""
     student, teacher, mask = batch(torch.float64)
     student[..., 0] = teacher[..., 0] = -torch.inf
+    student.requires_grad_(True), teacher.requires_grad_(True)
     loss = kd_loss(student, teacher, mask, temperature=1.0, divergence=divergence)
-    reference = kd_loss(student[..., 1:], teacher[..., 1:], mask, temperature=1.0, divergence=divergence)
+    grads = torch.autograd.grad(loss, (student, teacher))
+    kept = [logits.detach()[..., 1:].requires_grad_(True) for logits in (student, teacher)]
+    reference = kd_loss(*kept, mask, temperature=1.0, divergence=divergence)
+    reference_grads = torch.autograd.grad(reference, kept)
     assert torch.isfinite(loss) and torch.allclose(loss, reference)
+    for grad, reference_grad in zip(grads, reference_grads):
+        assert torch.isfinite(grad).all()
+        assert torch.equal(grad[..., 0], torch.zeros_like(grad[..., 0]))
+        torch.testing.assert_close(grad[..., 1:], reference_grad)
 
 
 def test_forward_kl_with_a_minus_infinity_teacher_logit_matches_kl_div():
