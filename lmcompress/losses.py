@@ -14,7 +14,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -29,6 +28,20 @@ def next_token_targets(labels):
 
 def _upcast(tensor):
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def _first_derivative_only(backward):
+    """Refuses a backward with ``create_graph=True``: these backwards build no graph, so a second derivative would
+    silently leave their term out. (torch's ``once_differentiable`` raises only when the incoming gradient itself
+    requires grad, which a loss's, a constant, does not.)"""
+
+    @functools.wraps(backward)
+    def refusing(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError("the chunked losses have no second derivatives: call backward without create_graph")
+        return backward(ctx, *grads)
+
+    return refusing
 
 
 class _ChunkedMaskedSum(torch.autograd.Function):
@@ -49,6 +62,7 @@ class _ChunkedMaskedSum(torch.autograd.Function):
         return total
 
     @staticmethod
+    @_first_derivative_only
     def backward(ctx, grad_total):
         keep, *tensors = ctx.saved_tensors
         wanted = ctx.needs_input_grad[3:]
@@ -166,7 +180,7 @@ class _NextTokenNLL(torch.autograd.Function):
         return total
 
     @staticmethod
-    @once_differentiable
+    @_first_derivative_only
     def backward(ctx, grad_total):
         scaled = [None if grad is None else (grad * grad_total).to(dtype)
                   for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes)]

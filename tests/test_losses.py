@@ -184,12 +184,20 @@ def test_summed_nll_frozen_weight_gets_no_gradient():
     assert weight.grad is None and torch.allclose(grad, expected)
 
 
-def test_summed_nll_refuses_second_derivatives():
-    hidden = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
-    targets = torch.randint(0, 5, (4,))
-    with pytest.raises(RuntimeError):
-        torch.autograd.gradgradcheck(lambda h, w: losses.summed_nll(h, targets, w), (hidden, weight))
+@pytest.mark.parametrize("term", ["kd", "cosine", "mse", "lm", "fused"])
+def test_chunked_terms_refuse_second_derivatives(term):
+    """A second derivative through a chunked term raises, instead of silently leaving out the term's own (only
+    the square's would remain)."""
+    student, teacher, mask = batch(torch.float64)
+    student.requires_grad_(True)
+    targets = next_token_targets(torch.randint(0, VOCAB, (2, 6)))
+    weight = torch.randn(VOCAB, VOCAB, dtype=torch.float64)
+    loss = {"kd": lambda: kd_loss(student, teacher, mask), "cosine": lambda: cosine_loss(student, teacher, mask),
+            "mse": lambda: mse_loss(student, teacher, mask), "lm": lambda: lm_loss(student, targets),
+            "fused": lambda: losses.summed_nll(student.flatten(0, 1), targets.flatten(), weight)}[term]()
+    with pytest.raises(RuntimeError, match="no second derivatives"):
+        (grad,) = torch.autograd.grad(loss + student.pow(2).sum(), student, create_graph=True)
+        torch.autograd.grad(grad.sum(), student)
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
