@@ -228,12 +228,23 @@ def _nll_chunks(inputs, weight, targets, chunk, want_inputs=False, want_weight=F
             gradient = probabilities.to(dtype)
             if want_inputs:
                 grad_inputs[start:start + chunk] = gradient @ matrix
-            if want_weight and dtype in (buffer_dtype, torch.float16):
-                # fp16's range cannot hold Σ over a chunk's rows of the unscaled gradient: float32 here.
-                grad_weight.addmm_(probabilities.t(), rows.to(buffer_dtype))
+            if want_weight and dtype == buffer_dtype:
+                grad_weight.addmm_(probabilities.t(), rows)
+            elif want_weight and dtype == torch.float16:
+                # Σ over a chunk's rows of the unscaled gradient can pass fp16's range: the product runs on
+                # (p − y) scaled down by a power of two, undone in the float32 sum.
+                scale = _fp16_safe_scale(rows)
+                grad_weight.addcdiv_((gradient * scale.to(dtype)).t() @ rows, scale)
             elif want_weight:
-                grad_weight += (gradient.t() @ rows).to(buffer_dtype)
+                grad_weight += gradient.t() @ rows  # bf16 has float32's range
     return total.to(buffer_dtype), grad_inputs, grad_weight
+
+
+def _fp16_safe_scale(rows):
+    """A power of two s ≤ 1 that keeps every entry of s · (p − y)ᵀ rows, and every partial sum of it, within half
+    of fp16's range (half: room for rounding): as |p − y| ≤ 1, each is at most Σ over the rows of |h|."""
+    bound = rows.abs().sum(0, dtype=torch.float32).amax()
+    return torch.exp2(-torch.log2(bound / (torch.finfo(torch.float16).max / 2)).ceil().clamp_min(0))
 
 
 def _cosine_distance_rows(student_hidden, teacher_hidden):

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from lmcompress import losses
 from lmcompress.losses import DIVERGENCES, IGNORE_INDEX, cosine_loss, kd_loss, lm_loss, mse_loss, next_token_targets
+from matrix_products import VocabularyProducts
 
 VOCAB = 11
 
@@ -144,21 +145,48 @@ def test_summed_nll_matches_cross_entropy_and_its_gradients(chunk, from_hidden, 
         assert losses.summed_nll(inputs[0], targets, inputs[1]).item() == pytest.approx(direct.item() * 2, rel=1e-12)
 
 
-def test_summed_nll_fp16_gradients_follow_the_loss_scale():
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp16-weights", "fp16-autocast"])
+def test_summed_nll_fp16_gradients_follow_the_loss_scale(autocast):
     """8192 tokens with one large hidden feature: the unscaled weight gradient passes fp16's range, the scaled
-    (here by 2⁻¹⁶, as a loss scaler backing off would) one does not; it must stay finite and match the logits path."""
+    (here by 2⁻¹⁶, as a loss scaler backing off would) one does not; it must stay finite and match the logits path,
+    with fp16 weights (DeepSpeed fp16) and under fp16 autocast, the weight-gradient product in fp16."""
     torch.manual_seed(0)
     hidden = (torch.randn(8192, 8) * 0.1).half()
     hidden[:, 0] = 64.0
-    weight = (torch.randn(16, 8) * 0.01).half().requires_grad_()
+    weight = (torch.randn(16, 8) * 0.01).half()
+    weight = (weight.float() if autocast else weight).requires_grad_()
     targets = torch.zeros(8192, dtype=torch.long)
     scale = 2.0 ** -16
-    (losses.summed_nll(hidden, targets, weight) * scale).backward()
+    recorder = VocabularyProducts(16)
+    with torch.autocast("cpu", dtype=torch.float16, enabled=autocast), recorder:
+        (losses.summed_nll(hidden, targets, weight) * scale).backward()
+    assert recorder.dtypes() == {torch.float16}, recorder.products
     reference_weight = weight.detach().double().requires_grad_()
     logits = hidden.double() @ reference_weight.t()
     (F.cross_entropy(logits, targets, reduction="sum") * scale).backward()
     assert torch.isfinite(weight.grad).all()
     assert torch.allclose(weight.grad.double(), reference_weight.grad, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_summed_nll_under_autocast_runs_every_product_in_its_dtype(dtype):
+    """The logits and both gradient products (one chunk: three) run in the autocast dtype; loss and gradients
+    match float32's to that dtype's precision and the gradients keep the weights' dtype."""
+    torch.manual_seed(0)
+    hidden = torch.randn(48, 16, requires_grad=True)
+    weight = (torch.randn(40, 16) * 0.3).requires_grad_()
+    targets = torch.randint(0, 40, (48,))
+    recorder = VocabularyProducts(40)
+    with torch.autocast("cpu", dtype=dtype), recorder:
+        loss = losses.summed_nll(hidden, targets, weight)
+        grads = torch.autograd.grad(loss, (hidden, weight))
+    assert len(recorder.products) == 3 and recorder.dtypes() == {dtype}, recorder.products
+    direct = F.cross_entropy(hidden @ weight.t(), targets, reduction="sum")
+    direct_grads = torch.autograd.grad(direct, (hidden, weight))
+    assert loss.item() == pytest.approx(direct.item(), rel=1e-2)
+    for got, expected in zip(grads, direct_grads):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
 
 
 def test_summed_nll_without_gradients_computes_only_the_loss(monkeypatch):
