@@ -18,7 +18,7 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 CHUNK_ELEMENTS = 2 ** 22  # 16 MiB of float32 per tensor per chunk
-GPU_CHUNK_ELEMENTS = 2 ** 25  # 128 MiB
+LARGE_CHUNK_ELEMENTS = 2 ** 25  # 128 MiB
 
 
 def next_token_targets(labels):
@@ -145,10 +145,10 @@ def lm_loss(student_logits, targets, n_tokens=None):
     return _average(total, targets != IGNORE_INDEX, n_tokens)
 
 
-def chunk_rows(vocabulary_size, device):
-    """Positions per chunk of a vocabulary-wide computation. On GPUs bigger chunks keep the output layer's
-    matrix products efficient (each chunk reads the whole weight); on CPUs small ones stay in cache."""
-    elements = CHUNK_ELEMENTS if device.type == "cpu" else GPU_CHUNK_ELEMENTS
+def chunk_rows(vocabulary_size, device, large=False):
+    """Positions per chunk of a vocabulary-wide computation. On GPUs, or ``large``, bigger chunks keep the output
+    layer's matrix products efficient (each chunk reads the whole weight); on CPUs small ones stay in cache."""
+    elements = LARGE_CHUNK_ELEMENTS if large or device.type != "cpu" else CHUNK_ELEMENTS
     return max(1, elements // vocabulary_size)
 
 
@@ -161,11 +161,13 @@ def summed_nll(inputs, targets, weight=None):
     computed, during the forward pass, only for the inputs that want them (none under ``torch.no_grad``). Matrix
     products run in the autocast dtype when autocast is on; log-sum-exp and sums in float32 (float64 stays float64).
     """
-    chunk = chunk_rows(inputs.shape[-1] if weight is None else weight.shape[0], inputs.device)
+    vocabulary = inputs.shape[-1] if weight is None else weight.shape[0]
     wanted = torch.is_grad_enabled() and (inputs.requires_grad or (weight is not None and weight.requires_grad))
     if wanted:
-        return _NextTokenNLL.apply(inputs, weight, targets, chunk)
-    return _nll_chunks(inputs, weight, targets, chunk)[0]
+        return _NextTokenNLL.apply(inputs, weight, targets, chunk_rows(vocabulary, inputs.device))
+    # The loss alone needs no gradient buffers: chunks through the output layer can be large on CPUs too, so
+    # that it reads the weight fewer times. Chunks of given logits gain nothing from it.
+    return _nll_chunks(inputs, weight, targets, chunk_rows(vocabulary, inputs.device, large=weight is not None))[0]
 
 
 class _NextTokenNLL(torch.autograd.Function):

@@ -1,11 +1,13 @@
 """The distillation losses against direct computations: zero at teacher = student, masking, gradients."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lmcompress import losses
 from lmcompress.losses import DIVERGENCES, IGNORE_INDEX, cosine_loss, kd_loss, lm_loss, mse_loss, next_token_targets
-from matrix_products import VocabularyProducts
+from recorders import NewTensors, VocabularyProducts
 
 VOCAB = 11
 
@@ -133,6 +135,7 @@ def test_summed_nll_matches_cross_entropy_and_its_gradients(chunk, from_hidden, 
     targets = torch.randint(0, 13, (10,))
     targets[[0, 7]] = IGNORE_INDEX
     monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 13 * chunk)
+    monkeypatch.setattr(losses, "LARGE_CHUNK_ELEMENTS", 13 * chunk)
     inputs = (hidden, weight) if from_hidden else (hidden @ weight.t(), None)
     fused = losses.summed_nll(inputs[0], targets, inputs[1]) * 0.5
     fused_grads = torch.autograd.grad(fused, (hidden, weight))
@@ -200,6 +203,37 @@ def test_summed_nll_without_gradients_computes_only_the_loss(monkeypatch):
     with torch.no_grad():
         assert torch.allclose(losses.summed_nll(hidden, targets, weight), expected)
     assert torch.allclose(losses.summed_nll(hidden.detach(), targets, weight.detach()), expected)
+
+
+def test_summed_nll_without_gradients_allocates_nothing_the_size_of_the_output_layer():
+    """The weight gradient's vocabulary × d buffer exists only when a gradient is computed."""
+    torch.manual_seed(0)
+    hidden = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(300, 8, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 300, (6,))
+    training, evaluation = NewTensors(), NewTensors()
+    with training:
+        losses.summed_nll(hidden, targets, weight)
+    with evaluation, torch.no_grad():
+        losses.summed_nll(hidden, targets, weight)
+    assert (300, 8) in training.shapes
+    assert max(math.prod(shape) for shape in evaluation.shapes) < weight.numel(), evaluation.shapes
+
+
+def test_summed_nll_loss_alone_reads_the_output_layer_in_larger_chunks(monkeypatch):
+    """With gradients, CPU chunks of CHUNK_ELEMENTS (logits, gradient of the states, of the weight: three products
+    each); for the loss alone, no gradient buffers, of LARGE_CHUNK_ELEMENTS: the weight is read fewer times."""
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 13 * 2)
+    monkeypatch.setattr(losses, "LARGE_CHUNK_ELEMENTS", 13 * 8)
+    hidden = torch.randn(16, 8, requires_grad=True)
+    weight = torch.randn(13, 8, requires_grad=True)
+    targets = torch.randint(0, 13, (16,))
+    training, evaluation = VocabularyProducts(13), VocabularyProducts(13)
+    with training:
+        losses.summed_nll(hidden, targets, weight)
+    with evaluation, torch.no_grad():
+        losses.summed_nll(hidden, targets, weight)
+    assert (len(training.products), len(evaluation.products)) == (16 // 2 * 3, 16 // 8)
 
 
 def test_summed_nll_frozen_weight_gets_no_gradient():

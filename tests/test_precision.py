@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import train_command
-from matrix_products import VocabularyProducts
+from recorders import VocabularyProducts
 
 BATCH = ["--per_device_train_batch_size", 4]  # 4 × 64 positions: no dimension but the vocabulary's is 512
 
