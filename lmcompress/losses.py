@@ -14,12 +14,11 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 CHUNK_ELEMENTS = 2 ** 22  # 16 MiB of float32 per tensor per chunk
-GPU_CHUNK_ELEMENTS = 2 ** 25  # 128 MiB
+LARGE_CHUNK_ELEMENTS = 2 ** 25  # 128 MiB
 
 
 def next_token_targets(labels):
@@ -29,6 +28,20 @@ def next_token_targets(labels):
 
 def _upcast(tensor):
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def _first_derivative_only(backward):
+    """Refuses a backward with ``create_graph=True``: these backwards build no graph, so a second derivative would
+    silently leave their term out. (torch's ``once_differentiable`` raises only when the incoming gradient itself
+    requires grad, which a loss's, a constant, does not.)"""
+
+    @functools.wraps(backward)
+    def refusing(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError("the chunked losses have no second derivatives: call backward without create_graph")
+        return backward(ctx, *grads)
+
+    return refusing
 
 
 class _ChunkedMaskedSum(torch.autograd.Function):
@@ -49,6 +62,7 @@ class _ChunkedMaskedSum(torch.autograd.Function):
         return total
 
     @staticmethod
+    @_first_derivative_only
     def backward(ctx, grad_total):
         keep, *tensors = ctx.saved_tensors
         wanted = ctx.needs_input_grad[3:]
@@ -85,8 +99,11 @@ def _average(total, mask, n_tokens):
 
 
 def _kl_rows(log_p, log_q):
-    """KL(p ‖ q) = Σ_v p (log p − log q) per row, with 0 · log 0 = 0 where p is 0 (a ``-inf`` logit)."""
-    return torch.where(log_p == -math.inf, 0.0, log_p.exp() * (log_p - log_q)).sum(-1)
+    """KL(p ‖ q) = Σ_v p (log p − log q) per row, with 0 · log 0 = 0 where p is 0 (a ``-inf`` logit). Those
+    entries are zeroed before the product, not after: its gradient there would be 0 · ∞."""
+    impossible = log_p == -math.inf
+    log_p, log_q = log_p.masked_fill(impossible, 0), log_q.masked_fill(impossible, 0)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 def divergence_rows(student_logits, teacher_logits, temperature, divergence="forward_kl", jsd_beta=0.5):
@@ -103,7 +120,11 @@ def divergence_rows(student_logits, teacher_logits, temperature, divergence="for
     if divergence == "reverse_kl":
         return _kl_rows(log_student, log_teacher)
     if divergence == "jsd":
-        log_mixture = torch.logaddexp(log_teacher + math.log(jsd_beta), log_student + math.log1p(-jsd_beta))
+        # Where both are -inf so is the mixture, and logaddexp's gradient is 0 · ∞; _kl_rows drops those
+        # entries from both terms, so any finite stand-in will do.
+        impossible = (log_teacher == -math.inf) & (log_student == -math.inf)
+        log_mixture = torch.logaddexp(log_teacher.masked_fill(impossible, 0) + math.log(jsd_beta),
+                                      log_student.masked_fill(impossible, 0) + math.log1p(-jsd_beta))
         return jsd_beta * _kl_rows(log_teacher, log_mixture) + (1 - jsd_beta) * _kl_rows(log_student, log_mixture)
     raise ValueError(f"unknown divergence {divergence!r}; choose from {', '.join(DIVERGENCES)}")
 
@@ -124,10 +145,10 @@ def lm_loss(student_logits, targets, n_tokens=None):
     return _average(total, targets != IGNORE_INDEX, n_tokens)
 
 
-def chunk_rows(vocabulary_size, device):
-    """Positions per chunk of a vocabulary-wide computation. On GPUs bigger chunks keep the output layer's
-    matrix products efficient (each chunk reads the whole weight); on CPUs small ones stay in cache."""
-    elements = CHUNK_ELEMENTS if device.type == "cpu" else GPU_CHUNK_ELEMENTS
+def chunk_rows(vocabulary_size, device, large=False):
+    """Positions per chunk of a vocabulary-wide computation. On GPUs, or ``large``, bigger chunks keep the output
+    layer's matrix products efficient (each chunk reads the whole weight); on CPUs small ones stay in cache."""
+    elements = LARGE_CHUNK_ELEMENTS if large or device.type != "cpu" else CHUNK_ELEMENTS
     return max(1, elements // vocabulary_size)
 
 
@@ -140,11 +161,13 @@ def summed_nll(inputs, targets, weight=None):
     computed, during the forward pass, only for the inputs that want them (none under ``torch.no_grad``). Matrix
     products run in the autocast dtype when autocast is on; log-sum-exp and sums in float32 (float64 stays float64).
     """
-    chunk = chunk_rows(inputs.shape[-1] if weight is None else weight.shape[0], inputs.device)
+    vocabulary = inputs.shape[-1] if weight is None else weight.shape[0]
     wanted = torch.is_grad_enabled() and (inputs.requires_grad or (weight is not None and weight.requires_grad))
     if wanted:
-        return _NextTokenNLL.apply(inputs, weight, targets, chunk)
-    return _nll_chunks(inputs, weight, targets, chunk)[0]
+        return _NextTokenNLL.apply(inputs, weight, targets, chunk_rows(vocabulary, inputs.device))
+    # The loss alone needs no gradient buffers: chunks through the output layer can be large on CPUs too, so
+    # that it reads the weight fewer times. Chunks of given logits gain nothing from it.
+    return _nll_chunks(inputs, weight, targets, chunk_rows(vocabulary, inputs.device, large=weight is not None))[0]
 
 
 class _NextTokenNLL(torch.autograd.Function):
@@ -159,7 +182,7 @@ class _NextTokenNLL(torch.autograd.Function):
         return total
 
     @staticmethod
-    @once_differentiable
+    @_first_derivative_only
     def backward(ctx, grad_total):
         scaled = [None if grad is None else (grad * grad_total).to(dtype)
                   for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
@@ -207,12 +230,23 @@ def _nll_chunks(inputs, weight, targets, chunk, want_inputs=False, want_weight=F
             gradient = probabilities.to(dtype)
             if want_inputs:
                 grad_inputs[start:start + chunk] = gradient @ matrix
-            if want_weight and dtype in (buffer_dtype, torch.float16):
-                # fp16's range cannot hold Σ over a chunk's rows of the unscaled gradient: float32 here.
-                grad_weight.addmm_(probabilities.t(), rows.to(buffer_dtype))
+            if want_weight and dtype == buffer_dtype:
+                grad_weight.addmm_(probabilities.t(), rows)
+            elif want_weight and dtype == torch.float16:
+                # Σ over a chunk's rows of the unscaled gradient can pass fp16's range: the product runs on
+                # (p − y) scaled down by a power of two, undone in the float32 sum.
+                scale = _fp16_safe_scale(rows)
+                grad_weight.addcdiv_((gradient * scale.to(dtype)).t() @ rows, scale)
             elif want_weight:
-                grad_weight += (gradient.t() @ rows).to(buffer_dtype)
+                grad_weight += gradient.t() @ rows  # bf16 has float32's range
     return total.to(buffer_dtype), grad_inputs, grad_weight
+
+
+def _fp16_safe_scale(rows):
+    """A power of two s ≤ 1 that keeps every entry of s · (p − y)ᵀ rows, and every partial sum of it, within half
+    of fp16's range (half: room for rounding): as |p − y| ≤ 1, each is at most Σ over the rows of |h|."""
+    bound = rows.abs().sum(0, dtype=torch.float32).amax()
+    return torch.exp2(-torch.log2(bound / (torch.finfo(torch.float16).max / 2)).ceil().clamp_min(0))
 
 
 def _cosine_distance_rows(student_hidden, teacher_hidden):

@@ -1,10 +1,13 @@
 """The distillation losses against direct computations: zero at teacher = student, masking, gradients."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lmcompress import losses
 from lmcompress.losses import DIVERGENCES, IGNORE_INDEX, cosine_loss, kd_loss, lm_loss, mse_loss, next_token_targets
+from recorders import NewTensors, VocabularyProducts
 
 VOCAB = 11
 
@@ -132,6 +135,7 @@ def test_summed_nll_matches_cross_entropy_and_its_gradients(chunk, from_hidden, 
     targets = torch.randint(0, 13, (10,))
     targets[[0, 7]] = IGNORE_INDEX
     monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 13 * chunk)
+    monkeypatch.setattr(losses, "LARGE_CHUNK_ELEMENTS", 13 * chunk)
     inputs = (hidden, weight) if from_hidden else (hidden @ weight.t(), None)
     fused = losses.summed_nll(inputs[0], targets, inputs[1]) * 0.5
     fused_grads = torch.autograd.grad(fused, (hidden, weight))
@@ -144,21 +148,48 @@ def test_summed_nll_matches_cross_entropy_and_its_gradients(chunk, from_hidden, 
         assert losses.summed_nll(inputs[0], targets, inputs[1]).item() == pytest.approx(direct.item() * 2, rel=1e-12)
 
 
-def test_summed_nll_fp16_gradients_follow_the_loss_scale():
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp16-weights", "fp16-autocast"])
+def test_summed_nll_fp16_gradients_follow_the_loss_scale(autocast):
     """8192 tokens with one large hidden feature: the unscaled weight gradient passes fp16's range, the scaled
-    (here by 2⁻¹⁶, as a loss scaler backing off would) one does not; it must stay finite and match the logits path."""
+    (here by 2⁻¹⁶, as a loss scaler backing off would) one does not; it must stay finite and match the logits path,
+    with fp16 weights (DeepSpeed fp16) and under fp16 autocast, the weight-gradient product in fp16."""
     torch.manual_seed(0)
     hidden = (torch.randn(8192, 8) * 0.1).half()
     hidden[:, 0] = 64.0
-    weight = (torch.randn(16, 8) * 0.01).half().requires_grad_()
+    weight = (torch.randn(16, 8) * 0.01).half()
+    weight = (weight.float() if autocast else weight).requires_grad_()
     targets = torch.zeros(8192, dtype=torch.long)
     scale = 2.0 ** -16
-    (losses.summed_nll(hidden, targets, weight) * scale).backward()
+    recorder = VocabularyProducts(16)
+    with torch.autocast("cpu", dtype=torch.float16, enabled=autocast), recorder:
+        (losses.summed_nll(hidden, targets, weight) * scale).backward()
+    assert recorder.dtypes() == {torch.float16}, recorder.products
     reference_weight = weight.detach().double().requires_grad_()
     logits = hidden.double() @ reference_weight.t()
     (F.cross_entropy(logits, targets, reduction="sum") * scale).backward()
     assert torch.isfinite(weight.grad).all()
     assert torch.allclose(weight.grad.double(), reference_weight.grad, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_summed_nll_under_autocast_runs_every_product_in_its_dtype(dtype):
+    """The logits and both gradient products (one chunk: three) run in the autocast dtype; loss and gradients
+    match float32's to that dtype's precision and the gradients keep the weights' dtype."""
+    torch.manual_seed(0)
+    hidden = torch.randn(48, 16, requires_grad=True)
+    weight = (torch.randn(40, 16) * 0.3).requires_grad_()
+    targets = torch.randint(0, 40, (48,))
+    recorder = VocabularyProducts(40)
+    with torch.autocast("cpu", dtype=dtype), recorder:
+        loss = losses.summed_nll(hidden, targets, weight)
+        grads = torch.autograd.grad(loss, (hidden, weight))
+    assert len(recorder.products) == 3 and recorder.dtypes() == {dtype}, recorder.products
+    direct = F.cross_entropy(hidden @ weight.t(), targets, reduction="sum")
+    direct_grads = torch.autograd.grad(direct, (hidden, weight))
+    assert loss.item() == pytest.approx(direct.item(), rel=1e-2)
+    for got, expected in zip(grads, direct_grads):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
 
 
 def test_summed_nll_without_gradients_computes_only_the_loss(monkeypatch):
@@ -174,6 +205,37 @@ def test_summed_nll_without_gradients_computes_only_the_loss(monkeypatch):
     assert torch.allclose(losses.summed_nll(hidden.detach(), targets, weight.detach()), expected)
 
 
+def test_summed_nll_without_gradients_allocates_nothing_the_size_of_the_output_layer():
+    """The weight gradient's vocabulary × d buffer exists only when a gradient is computed."""
+    torch.manual_seed(0)
+    hidden = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(300, 8, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 300, (6,))
+    training, evaluation = NewTensors(), NewTensors()
+    with training:
+        losses.summed_nll(hidden, targets, weight)
+    with evaluation, torch.no_grad():
+        losses.summed_nll(hidden, targets, weight)
+    assert (300, 8) in training.shapes
+    assert max(math.prod(shape) for shape in evaluation.shapes) < weight.numel(), evaluation.shapes
+
+
+def test_summed_nll_loss_alone_reads_the_output_layer_in_larger_chunks(monkeypatch):
+    """With gradients, CPU chunks of CHUNK_ELEMENTS (logits, gradient of the states, of the weight: three products
+    each); for the loss alone, no gradient buffers, of LARGE_CHUNK_ELEMENTS: the weight is read fewer times."""
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 13 * 2)
+    monkeypatch.setattr(losses, "LARGE_CHUNK_ELEMENTS", 13 * 8)
+    hidden = torch.randn(16, 8, requires_grad=True)
+    weight = torch.randn(13, 8, requires_grad=True)
+    targets = torch.randint(0, 13, (16,))
+    training, evaluation = VocabularyProducts(13), VocabularyProducts(13)
+    with training:
+        losses.summed_nll(hidden, targets, weight)
+    with evaluation, torch.no_grad():
+        losses.summed_nll(hidden, targets, weight)
+    assert (len(training.products), len(evaluation.products)) == (16 // 2 * 3, 16 // 8)
+
+
 def test_summed_nll_frozen_weight_gets_no_gradient():
     torch.manual_seed(0)
     hidden = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
@@ -184,22 +246,39 @@ def test_summed_nll_frozen_weight_gets_no_gradient():
     assert weight.grad is None and torch.allclose(grad, expected)
 
 
-def test_summed_nll_refuses_second_derivatives():
-    hidden = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
-    targets = torch.randint(0, 5, (4,))
-    with pytest.raises(RuntimeError):
-        torch.autograd.gradgradcheck(lambda h, w: losses.summed_nll(h, targets, w), (hidden, weight))
+@pytest.mark.parametrize("term", ["kd", "cosine", "mse", "lm", "fused"])
+def test_chunked_terms_refuse_second_derivatives(term):
+    """A second derivative through a chunked term raises, instead of silently leaving out the term's own (only
+    the square's would remain)."""
+    student, teacher, mask = batch(torch.float64)
+    student.requires_grad_(True)
+    targets = next_token_targets(torch.randint(0, VOCAB, (2, 6)))
+    weight = torch.randn(VOCAB, VOCAB, dtype=torch.float64)
+    loss = {"kd": lambda: kd_loss(student, teacher, mask), "cosine": lambda: cosine_loss(student, teacher, mask),
+            "mse": lambda: mse_loss(student, teacher, mask), "lm": lambda: lm_loss(student, targets),
+            "fused": lambda: losses.summed_nll(student.flatten(0, 1), targets.flatten(), weight)}[term]()
+    with pytest.raises(RuntimeError, match="no second derivatives"):
+        (grad,) = torch.autograd.grad(loss + student.pow(2).sum(), student, create_graph=True)
+        torch.autograd.grad(grad.sum(), student)
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_minus_infinity_logits_give_finite_divergences(divergence):
-    """A masked vocabulary entry (-inf in both models) has probability 0, and 0 · log 0 = 0 as in F.kl_div."""
+def test_minus_infinity_logits_give_finite_divergences_and_gradients(divergence):
+    """A masked vocabulary entry (-inf in both models) has probability 0, and 0 · log 0 = 0 as in F.kl_div: loss
+    and gradients equal those over the vocabulary without it (the gradient of the masked entry is its limit, 0)."""
     student, teacher, mask = batch(torch.float64)
     student[..., 0] = teacher[..., 0] = -torch.inf
+    student.requires_grad_(True), teacher.requires_grad_(True)
     loss = kd_loss(student, teacher, mask, temperature=1.0, divergence=divergence)
-    reference = kd_loss(student[..., 1:], teacher[..., 1:], mask, temperature=1.0, divergence=divergence)
+    grads = torch.autograd.grad(loss, (student, teacher))
+    kept = [logits.detach()[..., 1:].requires_grad_(True) for logits in (student, teacher)]
+    reference = kd_loss(*kept, mask, temperature=1.0, divergence=divergence)
+    reference_grads = torch.autograd.grad(reference, kept)
     assert torch.isfinite(loss) and torch.allclose(loss, reference)
+    for grad, reference_grad in zip(grads, reference_grads):
+        assert torch.isfinite(grad).all()
+        assert torch.equal(grad[..., 0], torch.zeros_like(grad[..., 0]))
+        torch.testing.assert_close(grad[..., 1:], reference_grad)
 
 
 def test_forward_kl_with_a_minus_infinity_teacher_logit_matches_kl_div():

@@ -2,27 +2,11 @@
 training step (the model's forward, the fused loss outside it, and their backward)."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import train_command
+from recorders import VocabularyProducts
 
-MATRIX_PRODUCTS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-                   torch.ops.aten.matmul.default, torch.ops.aten.linear.default}
-
-
-class VocabularyProducts(TorchDispatchMode):
-    """Records the input dtypes of every matrix product one of whose operands has a vocabulary-sized dimension."""
-
-    def __init__(self, vocabulary):
-        super().__init__()
-        self.vocabulary, self.dtypes = vocabulary, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in MATRIX_PRODUCTS:
-            tensors = [arg for arg in args if isinstance(arg, torch.Tensor)]
-            if any(self.vocabulary in tensor.shape for tensor in tensors):
-                self.dtypes.append({tensor.dtype for tensor in tensors})
-        return func(*args, **(kwargs or {}))
+BATCH = ["--per_device_train_batch_size", 4]  # 4 × 64 positions: no dimension but the vocabulary's is 512
 
 
 def training_step_loss(argv, record=None, build_trainer=None):
@@ -43,12 +27,13 @@ def training_step_loss(argv, record=None, build_trainer=None):
 
 @pytest.mark.slow
 def test_bf16_training_step_runs_vocabulary_products_in_bfloat16(tmp_path, tokenizer_dir, tiny_config, corpus_files):
-    argv = train_command(tmp_path / "out", tokenizer_dir, tiny_config, corpus_files, "--max_steps", 1)[1:]
+    argv = train_command(tmp_path / "out", tokenizer_dir, tiny_config, corpus_files, "--max_steps", 1, *BATCH)[1:]
     reference, vocabulary = training_step_loss(argv)
     recorder = VocabularyProducts(vocabulary)
     loss, _ = training_step_loss([*argv, "--bf16"], recorder)
-    assert len(recorder.dtypes) >= 3, "forward, and both backward products of the output layer"
-    assert all(dtypes == {torch.bfloat16} for dtypes in recorder.dtypes), recorder.dtypes
+    assert len(recorder.products) == 4, ("the last position's logits (logits_to_keep=1), the fused loss's logits "
+                                         f"and its two gradient products: {recorder.products}")
+    assert recorder.dtypes() == {torch.bfloat16}, recorder.products
     assert loss == pytest.approx(reference, rel=2e-2)
 
 
@@ -57,12 +42,13 @@ def test_bf16_distillation_step_runs_vocabulary_products_in_bfloat16(tmp_path, u
     from lmcompress.distillation import build_trainer
 
     argv = ["--teacher_name_or_path", untrained_model, "--student_name_or_path", untrained_model,
-            "--train_file", corpus_files["train"], "--block_size", 64, "--per_device_train_batch_size", 4,
+            "--train_file", corpus_files["train"], "--block_size", 64, *BATCH,
             "--max_steps", 1, "--output_dir", tmp_path / "out", "--save_strategy", "no", "--report_to", "none",
             "--alpha_ce", 0.5, "--alpha_clm", 0.5, "--seed", 1, "--dataloader_num_workers", 0]
     reference, vocabulary = training_step_loss(argv, build_trainer=build_trainer)
     recorder = VocabularyProducts(vocabulary)
     loss, _ = training_step_loss([*argv, "--bf16"], recorder, build_trainer)
-    assert len(recorder.dtypes) >= 3, "the teacher's and the student's output layers, and the student's backward"
-    assert all(dtypes == {torch.bfloat16} for dtypes in recorder.dtypes), recorder.dtypes
+    assert len(recorder.products) == 4, ("the teacher's and the student's output layers, and the student's two "
+                                         f"backward products: {recorder.products}")
+    assert recorder.dtypes() == {torch.bfloat16}, recorder.products
     assert loss == pytest.approx(reference, rel=2e-2)
