@@ -13,15 +13,15 @@ import sys
 import torch
 from transformers import TrainerCallback, TrainerState
 from transformers.integrations import TensorBoardCallback
-from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .atomic import STAGING_PREFIX, replace_folder
+from .coupling import save_training_args
 from .distributed import wait_for_everyone
 from .errors import UserError, removed_on_failure
 
-# Written by the Trainer after the weights, optimizer and RNG states: a checkpoint without it was cut short
-# (by a version of this project that wrote checkpoints in place).
+# Written by the Trainer after the weights, optimizer and RNG states. The plain Trainer writes checkpoints in place,
+# so a checkpoint-N without it was cut short and is never resumed from.
 TRAINER_STATE_NAME = "trainer_state.json"
 CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: stopped early on purpose, re-run to continue
@@ -148,7 +148,7 @@ class StagedCheckpoints(TrainerCallback):
             if not os.path.isfile(os.path.join(staged, TRAINER_STATE_NAME)):
                 raise RuntimeError(f"the Trainer did not write {self.name} under args.output_dir ({staging}): this "
                                    "transformers saves elsewhere; see the README's 'Coupling to transformers'")
-            torch.save(args, os.path.join(staged, TRAINING_ARGS_NAME))  # the Trainer saved the staging output_dir
+            save_training_args(args, staged)  # the Trainer saved the staging output_dir
         if state.best_model_checkpoint == staged:
             state.best_model_checkpoint = final
             if args.should_save:
