@@ -98,6 +98,7 @@ class LMTrainer(Trainer):
         super().__init__(*args, eval_dataset=eval_tokens, **kwargs)
         self.eval_tokens, self.block_size = eval_tokens, block_size
         self.run_info = run_info or {}  # recorded in eval_results.json
+        self.micro_batches_in_step = 1  # of the current optimiser step: see get_batch_samples
         self.nonfinite_guard = faults.NonFiniteGuard(skip=self.args.skip_nonfinite)
         self.preemption = faults.PreemptionCallback()
         self.checkpoints = faults.StagedCheckpoints()
@@ -117,7 +118,9 @@ class LMTrainer(Trainer):
         if 0 < self.state.max_steps <= self.state.global_step:
             self.control.should_training_stop = True
             return [], None
-        return super().get_batch_samples(epoch_iterator, num_batches, device)
+        batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self.micro_batches_in_step = len(batches)  # fewer than --gradient_accumulation_steps at an epoch's end
+        return batches, num_items_in_batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The mean next-token loss; for a plain output layer from the last hidden states, so that the logits of the
@@ -149,7 +152,7 @@ class LMTrainer(Trainer):
         """
         if num_items_in_batch is None:
             local = (targets != IGNORE_INDEX).sum()
-            return local * self.current_gradient_accumulation_steps, 1
+            return local * self.micro_batches_in_step, 1
         across_ranks = self.args.average_tokens_across_devices and self.accelerator.num_processes > 1
         return num_items_in_batch, self.accelerator.num_processes if across_ranks else 1
 
