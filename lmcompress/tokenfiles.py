@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import replace_folder
+from .atomic import replace_folder, staging_path
 from .errors import UserError, require_writable_folder
 
 FORMAT_VERSION = 1
@@ -97,7 +97,8 @@ class StagedFolder:
     def __init__(self, destination):
         self.destination = Path(destination)
         require_writable_folder(self.destination.parent, "--output_dir")
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.destination.name}.tmp-", dir=self.destination.parent))
+        staged = Path(staging_path(self.destination))
+        self.path = Path(tempfile.mkdtemp(prefix=f"{staged.name}-", dir=staged.parent))
 
     def commit(self):
         replace_folder(str(self.path), str(self.destination))

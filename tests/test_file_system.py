@@ -153,3 +153,22 @@ def test_replace_folder_keeps_the_old_folder_until_the_new_one_is_in_place(tmp_p
     replace_folder(str(staged), str(final))
     assert (final / "weights").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_staging_file(tmp_path, monkeypatch):
+    import errno
+
+    from lmcompress import atomic
+
+    path = tmp_path / "result.json"
+    path.write_text("old")
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "fsync", disk_full)
+    with pytest.raises(OSError):
+        atomic.write_file(path, "new")
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
+

@@ -124,7 +124,7 @@ def test_bad_text_files_fail_in_one_line_without_output(tmp_path, tokenizer_dir,
                   "--output_dir", tmp_path / "out"], check=False)
     assert_one_line_error(result, "--train_file", fragment)
     assert not (tmp_path / "out").exists()
-    assert not list(tmp_path.glob(".out.tmp-*")), "the staging folder is removed"
+    assert not list(tmp_path.glob(".staging-*")), "the staging folder is removed"
 
 
 @pytest.mark.realdata
