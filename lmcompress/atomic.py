@@ -76,3 +76,20 @@ def replace_folder(staged, final):
     if replaced:
         shutil.rmtree(replaced, ignore_errors=True)
 
+
+def move_files_into(staged, folder, markers):
+    """Move the files of the complete folder ``staged`` into ``folder``, which holds other things too (and so cannot
+    be replaced whole), replacing files of the same name; then remove ``staged``.
+
+    The files named in ``markers`` are what makes ``folder`` usable (a model's weights): those already in ``folder``
+    are deleted first, and the new ones moved in after every other file. So a kill at any moment leaves ``folder``
+    with its previous files, or without any marker, or with every new file: never a new marker beside older
+    versions of the files staged with it.
+    """
+    fsync_tree(staged)
+    for name in markers:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, name))
+    for name in sorted(os.listdir(staged), key=lambda name: name in markers):
+        os.replace(os.path.join(staged, name), os.path.join(folder, name))
+    shutil.rmtree(staged, ignore_errors=True)
