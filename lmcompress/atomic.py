@@ -15,7 +15,7 @@ def staging_path(final, use=None):
 
 
 def remove_stale_staging(folder):
-    """The staging files and folders in ``folder`` that a run killed while writing left behind."""
+    """Delete the staging files and folders in ``folder`` that a run killed while writing left behind."""
     if os.path.isdir(folder):
         for name in os.listdir(folder):
             if name.startswith(STAGING_PREFIX):
