@@ -51,9 +51,9 @@ print(sum(len(ids) for ids in grouped["train"]["input_ids"]))
 # would report at least our size. A small wrapper forks the command instead and reports its peak (the largest
 # of the command and its workers) into a file.
 WRAPPER = r'''
-import resource, subprocess, sys
+import pathlib, resource, subprocess, sys
 status = subprocess.call(sys.argv[2:])
-open(sys.argv[1], "w").write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+pathlib.Path(sys.argv[1]).write_text(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
 sys.exit(status)
 '''
 

@@ -6,22 +6,21 @@ no rank leaves a collective that the others still wait in.
 import contextlib
 import os
 import re
-import shutil
 import signal
 import sys
 
 import torch
 from transformers import TrainerCallback, TrainerState
 from transformers.integrations import TensorBoardCallback
-from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .atomic import STAGING_PREFIX, replace_folder
+from .atomic import remove_folder, remove_stale_staging, replace_folder, staging_path
+from .coupling import save_training_args
 from .distributed import wait_for_everyone
 from .errors import UserError, removed_on_failure
 
-# Written by the Trainer after the weights, optimizer and RNG states: a checkpoint without it was cut short
-# (by a version of this project that wrote checkpoints in place).
+# Written by the Trainer after the weights, optimizer and RNG states. The plain Trainer writes checkpoints in place,
+# so a checkpoint-N without it was cut short and is never resumed from.
 TRAINER_STATE_NAME = "trainer_state.json"
 CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: stopped early on purpose, re-run to continue
@@ -50,19 +49,7 @@ def latest_complete_checkpoint(folder):
 
 def staging_root(run_dir, step):
     """Where every rank writes checkpoint ``step`` before it is renamed into place: the same path on all ranks."""
-    return os.path.join(run_dir, f"{STAGING_PREFIX}{PREFIX_CHECKPOINT_DIR}-{step}")
-
-
-def commit_checkpoint(staged, final):
-    """Move a fully written checkpoint folder to its final name, replacing an older one of the same step."""
-    replace_folder(staged, final)
-
-
-def remove_checkpoint(path):
-    """Rename first, so that a kill during the deletion leaves no half-deleted ``checkpoint-N``."""
-    doomed = os.path.join(os.path.dirname(path), f"{STAGING_PREFIX}deleted-{os.path.basename(path)}")
-    os.rename(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
+    return staging_path(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}"))
 
 
 def rotate_checkpoints(run_dir, save_total_limit, newest, best=None):
@@ -76,16 +63,8 @@ def rotate_checkpoints(run_dir, save_total_limit, newest, best=None):
         if excess <= 0:
             break
         if os.path.normpath(path) not in protected:
-            remove_checkpoint(path)
+            remove_folder(path)
             excess -= 1
-
-
-def remove_stale_staging(run_dir):
-    """Staging folders left by a run killed while saving."""
-    if os.path.isdir(run_dir):
-        for name in os.listdir(run_dir):
-            if name.startswith(STAGING_PREFIX):
-                shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
 
 
 def save_failure_message(folder, what):
@@ -148,14 +127,14 @@ class StagedCheckpoints(TrainerCallback):
             if not os.path.isfile(os.path.join(staged, TRAINER_STATE_NAME)):
                 raise RuntimeError(f"the Trainer did not write {self.name} under args.output_dir ({staging}): this "
                                    "transformers saves elsewhere; see the README's 'Coupling to transformers'")
-            torch.save(args, os.path.join(staged, TRAINING_ARGS_NAME))  # the Trainer saved the staging output_dir
+            save_training_args(args, staged)  # the Trainer saved the staging output_dir
         if state.best_model_checkpoint == staged:
             state.best_model_checkpoint = final
             if args.should_save:
                 state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
         wait_for_everyone()
         if args.should_save:
-            commit_checkpoint(staged, final)
+            replace_folder(staged, final)
             remove_stale_staging(run_dir)
             rotate_checkpoints(run_dir, args.save_total_limit, final, state.best_model_checkpoint)
 

@@ -1,5 +1,6 @@
 import json
-import os
+
+from .atomic import write_file
 
 
 def read_json(path):
@@ -8,14 +9,5 @@ def read_json(path):
 
 
 def write_json(path, values):
-    """Write JSON atomically: a temporary file beside ``path``, then a rename."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(values, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write JSON whole or not at all (``atomic.write_file``)."""
+    write_file(path, json.dumps(values, indent=2, sort_keys=True) + "\n")

@@ -15,6 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
+from .atomic import write_file
 from .corpus import docstrings, noisy_documents, topics, with_noise
 from .jsonio import write_json
 from .vocab import train_bpe_tokenizer
@@ -27,9 +28,7 @@ def finetune_split(index):
 
 
 def write_text(path, documents):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n\n".join(documents) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_file(path, "\n\n".join(documents) + "\n")
 
 
 def cached_gpt2_tokenizer(folder):

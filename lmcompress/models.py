@@ -57,10 +57,15 @@ def load_causal_lm(config, model_name_or_path=None, flag="--model_name_or_path")
     return AutoModelForCausalLM.from_config(config)
 
 
+# The files from which from_pretrained loads a model's weights (a sharded model: its index, naming the shards).
+WEIGHTS_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
 def is_trained_model_folder(path):
     names = set(os.listdir(path)) if os.path.isdir(path) else set()
-    weights = {"model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"}
-    return ("config.json" in names and bool(weights & names)) or any(name.startswith("checkpoint-") for name in names)
+    return (("config.json" in names and bool(names.intersection(WEIGHTS_NAMES)))
+            or any(name.startswith("checkpoint-") for name in names))
 
 
 # Config fields of decoders whose logits are not a plain linear map of the last hidden state.

@@ -4,14 +4,13 @@ A folder is written under a temporary name and renamed into place once complete,
 folder or none. Readers check the format version, the dtype and each file's size against ``meta.json``.
 """
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from .atomic import replace_folder
+from .atomic import replace_folder, staging_path
 from .errors import UserError, require_writable_folder
 
 FORMAT_VERSION = 1
@@ -66,7 +65,7 @@ def open_split(folder, split, flag="--dataset_dir"):
 
 
 class SplitWriter:
-    """Appends token ids to one split's file and counts what it wrote."""
+    """Appends token ids to one split's file and counts what it wrote; a context manager that closes the file."""
 
     def __init__(self, path, dtype):
         self.dtype = np.dtype(dtype).newbyteorder("<")
@@ -76,15 +75,16 @@ class SplitWriter:
         self.n_words = 0
         self.n_bytes = 0
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self._file.close()
+
     def write(self, ids):
         array = np.ascontiguousarray(ids, dtype=self.dtype)
         self._file.write(memoryview(array).cast("B"))  # unlike ndarray.tofile, a full disk raises ENOSPC
         self.n_tokens += array.size
-
-    def close(self):
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
 
     def summary(self):
         return {"n_tokens": self.n_tokens, "n_documents": self.n_documents, "n_words": self.n_words,
@@ -97,7 +97,8 @@ class StagedFolder:
     def __init__(self, destination):
         self.destination = Path(destination)
         require_writable_folder(self.destination.parent, "--output_dir")
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.destination.name}.tmp-", dir=self.destination.parent))
+        staged = Path(staging_path(self.destination))
+        self.path = Path(tempfile.mkdtemp(prefix=f"{staged.name}-", dir=staged.parent))
 
     def commit(self):
         replace_folder(str(self.path), str(self.destination))

@@ -415,21 +415,20 @@ def tokenize_to_folder(sources, tokenizer, tokenizer_name, output_dir, num_proc=
     dtype = token_dtype(info["vocab_size"])
     with StagedFolder(output_dir) as staged:
         writers = {}
-        progress = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=None)
-        for split, ids, n_words, n_bytes, ends_document in encoded(documents, tokenizer, num_proc):
-            if split not in writers:
-                writers[split] = SplitWriter(split_path(staged.path, split), dtype)
-            writer = writers[split]
-            writer.write(ids)
-            writer.n_words += n_words
-            writer.n_bytes += n_bytes
-            if ends_document:
-                writer.write([tokenizer.eos_token_id])
-                writer.n_documents += 1
-            progress.update(n_bytes)
-        progress.close()
-        for writer in writers.values():
-            writer.close()
+        with contextlib.ExitStack() as open_files:
+            progress = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=None)
+            for split, ids, n_words, n_bytes, ends_document in encoded(documents, tokenizer, num_proc):
+                if split not in writers:
+                    writers[split] = open_files.enter_context(SplitWriter(split_path(staged.path, split), dtype))
+                writer = writers[split]
+                writer.write(ids)
+                writer.n_words += n_words
+                writer.n_bytes += n_bytes
+                if ends_document:
+                    writer.write([tokenizer.eos_token_id])
+                    writer.n_documents += 1
+                progress.update(n_bytes)
+            progress.close()
         empty = [split for split, writer in writers.items() if writer.n_tokens <= writer.n_documents]
         if not writers or empty:
             raise UserError(f"{sources.describe()}: no text left in split(s) {', '.join(empty) or 'any'}"

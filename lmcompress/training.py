@@ -6,7 +6,6 @@ token-weighted evaluation with perplexity, output-folder safety and the legacy f
 """
 import dataclasses
 import os
-import shutil
 import sys
 import time
 
@@ -15,6 +14,7 @@ from transformers import Trainer, TrainingArguments, default_data_collator, set_
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from . import deepspeed_support, faults
+from .atomic import move_files_into, remove_stale_staging, staging_path
 from .cli import parse_dataclass_args
 from .data import (BlockDataset, DataArguments, check_vocabulary, choose_block_size, plan_tokens,
                    require_planned_split, resolve_token_folder)
@@ -22,7 +22,7 @@ from .distributed import COLLECTIVE_TIMEOUT_S, local_main_first, start_process_g
 from .errors import UserError, entry_point, removed_on_failure, require_writable_folder
 from .jsonio import write_json
 from .losses import IGNORE_INDEX, summed_nll
-from .models import is_trained_model_folder, load_causal_lm, load_config, n_positions, plain_output_head
+from .models import WEIGHTS_NAMES, is_trained_model_folder, load_causal_lm, load_config, n_positions, plain_output_head
 from .perplexity import perplexity_from, reduce_sums, stream_nll
 from .tokenfiles import open_split, read_meta
 from .throughput import ThroughputCallback, count_parameters, peak_gpu_memory
@@ -98,6 +98,7 @@ class LMTrainer(Trainer):
         super().__init__(*args, eval_dataset=eval_tokens, **kwargs)
         self.eval_tokens, self.block_size = eval_tokens, block_size
         self.run_info = run_info or {}  # recorded in eval_results.json
+        self.micro_batches_in_step = 1  # of the current optimiser step: see get_batch_samples
         self.nonfinite_guard = faults.NonFiniteGuard(skip=self.args.skip_nonfinite)
         self.preemption = faults.PreemptionCallback()
         self.checkpoints = faults.StagedCheckpoints()
@@ -117,7 +118,9 @@ class LMTrainer(Trainer):
         if 0 < self.state.max_steps <= self.state.global_step:
             self.control.should_training_stop = True
             return [], None
-        return super().get_batch_samples(epoch_iterator, num_batches, device)
+        batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self.micro_batches_in_step = len(batches)  # fewer than --gradient_accumulation_steps at an epoch's end
+        return batches, num_items_in_batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The mean next-token loss; for a plain output layer from the last hidden states, so that the logits of the
@@ -149,7 +152,7 @@ class LMTrainer(Trainer):
         """
         if num_items_in_batch is None:
             local = (targets != IGNORE_INDEX).sum()
-            return local * self.current_gradient_accumulation_steps, 1
+            return local * self.micro_batches_in_step, 1
         across_ranks = self.args.average_tokens_across_devices and self.accelerator.num_processes > 1
         return num_items_in_batch, self.accelerator.num_processes if across_ranks else 1
 
@@ -247,15 +250,19 @@ def prepare_data(data_args, tokenizer, tokenizer_name, config, eval_strategy="no
 
 
 def save_final_model(trainer, output_dir):
-    """Save the model and tokenizer into a staging folder, then move each file into ``output_dir``."""
-    staging = os.path.join(output_dir, ".final-staging")
+    """Save the model and tokenizer into a staging folder, then move its files into ``output_dir``. That folder also
+    holds the checkpoints, so it cannot be replaced whole; instead the weights are the last files moved in
+    (``atomic.move_files_into``): a kill at any moment leaves the previous model, no weights, or the whole new
+    model, never new weights beside older versions of the files saved with them."""
+    staging = staging_path(os.path.join(output_dir, "final-model"))
+    if trainer.is_world_process_zero():
+        remove_stale_staging(output_dir)  # a staging folder of a killed run would add its files to this save
+    trainer.accelerator.wait_for_everyone()
     with removed_on_failure(staging, output_dir, faults.save_failure_message(output_dir, "the final model")):
         trainer.save_model(staging)
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
-        for name in os.listdir(staging):
-            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
-        shutil.rmtree(staging, ignore_errors=True)
+        move_files_into(staging, output_dir, WEIGHTS_NAMES)
     trainer.accelerator.wait_for_everyone()
 
 

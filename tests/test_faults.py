@@ -122,7 +122,7 @@ def make_checkpoint(folder, step, complete=True):
 
 def test_resume_auto_and_latest_ignore_incomplete_checkpoints(tmp_path):
     make_checkpoint(tmp_path, 10)
-    make_checkpoint(tmp_path, 20, complete=False)  # cut short by a version that wrote checkpoints in place
+    make_checkpoint(tmp_path, 20, complete=False)  # cut short: the plain Trainer writes checkpoints in place
     (tmp_path / faults.staging_root(tmp_path, 30)).mkdir()
     for wanted in ("auto", "latest"):
         args = SimpleNamespace(resume_from_checkpoint=wanted, output_dir=str(tmp_path))

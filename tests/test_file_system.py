@@ -153,3 +153,69 @@ def test_replace_folder_keeps_the_old_folder_until_the_new_one_is_in_place(tmp_p
     replace_folder(str(staged), str(final))
     assert (final / "weights").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_staging_file(tmp_path, monkeypatch):
+    import errno
+
+    from lmcompress import atomic
+
+    path = tmp_path / "result.json"
+    path.write_text("old")
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "fsync", disk_full)
+    with pytest.raises(OSError):
+        atomic.write_file(path, "new")
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
+
+
+def test_moving_a_model_into_a_folder_never_puts_new_weights_beside_older_files(tmp_path, monkeypatch):
+    """Stopped after any number of file operations, the folder holds the old model, no weights, or the new one."""
+    from lmcompress import atomic
+    from lmcompress.models import WEIGHTS_NAMES
+
+    files = ["config.json", "model.safetensors", "tokenizer.json", "vocab.json"]
+
+    def prepare(step):
+        folder, staged = tmp_path / f"out{step}", tmp_path / f"out{step}" / ".staging-final-model"
+        staged.mkdir(parents=True)
+        (folder / "checkpoint-5").mkdir()
+        for name in files:
+            (folder / name).write_text("old")
+            (staged / name).write_text("new")
+        return folder, staged
+
+    def present(folder):
+        return {name: (folder / name).read_text() for name in files if (folder / name).exists()}
+
+    def stop_after(n_operations):
+        done = []
+
+        def counted(operation):
+            def run_it(*args):
+                if len(done) == n_operations:
+                    raise KeyboardInterrupt
+                done.append(args)
+                return operation(*args)
+            return run_it
+
+        monkeypatch.setattr(atomic.os, "replace", counted(os.replace))
+        monkeypatch.setattr(atomic.os, "remove", counted(os.remove))
+
+    for step in range(2 * len(files) + 1):
+        folder, staged = prepare(step)
+        stop_after(step)
+        try:
+            atomic.move_files_into(str(staged), str(folder), WEIGHTS_NAMES)
+        except KeyboardInterrupt:
+            pass
+        monkeypatch.undo()
+        found = present(folder)
+        if "model.safetensors" in found:
+            assert set(found.values()) in ({"old"}, {"new"}) and len(found) == len(files), (step, found)
+    assert found == dict.fromkeys(files, "new")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(files + ["checkpoint-5"])

@@ -44,10 +44,12 @@ def test_scored_positions_are_the_labelled_predictions(n_tokens, block_size, str
     assert torch.equal(scored_positions(spans, input_ids.shape[1]), expected)
 
 
-def test_evaluate_logs_its_figures_to_tensorboard(tmp_path, untrained_model, corpus_files):
+def test_evaluate_logs_its_figures_to_tensorboard_and_accepts_the_legacy_local_rank(tmp_path, untrained_model,
+                                                                                     corpus_files):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    result = evaluate(untrained_model, corpus_files["test"], tmp_path, "ppl")
+    # --local_rank: what torch.distributed.launch and the deepspeed launcher pass
+    result = evaluate(untrained_model, corpus_files["test"], tmp_path, "ppl", "--local_rank", "0")
     events = EventAccumulator(str(tmp_path / "runs"))
     events.Reload()
     assert events.Scalars("test/perplexity")[0].value == pytest.approx(result["perplexity"], rel=1e-6)

@@ -14,7 +14,6 @@ def training_step_loss(argv, record=None, build_trainer=None):
         from lmcompress.training import build_trainer
 
     trainer, _ = build_trainer([str(arg) for arg in argv])
-    trainer.current_gradient_accumulation_steps = 1
     model = trainer.accelerator.prepare_model(trainer.model)  # as train() does: autocast around model.forward
     batch = next(iter(trainer.get_train_dataloader()))
     batch = {key: value.to(trainer.args.device) for key, value in batch.items()}

@@ -1,13 +1,12 @@
-"""Throughput and MFU logging: the FLOPs formula, the MFU arithmetic, the callback's log."""
+"""Throughput and MFU logging: the FLOPs formula, the MFU arithmetic, the figures train.py logs."""
 import json
-import types
 
 import pytest
 import torch
-from transformers import GPT2Config
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from conftest import run, train_command
-from lmcompress.throughput import ThroughputCallback, evaluation_throughput, flops_per_token, mfu
+from lmcompress.throughput import count_parameters, evaluation_throughput, flops_per_token, mfu
 
 
 def test_flops_per_token_gpt2_small():
@@ -23,35 +22,13 @@ def test_mfu_arithmetic():
     assert mfu(1000.0, 1e9, None) is None
 
 
-def _args(**kwargs):
-    return types.SimpleNamespace(per_device_train_batch_size=2, gradient_accumulation_steps=3, world_size=1, **kwargs)
-
-
-def test_callback_logs_tokens_per_second_and_mfu_with_a_peak():
-    model = types.SimpleNamespace(config=GPT2Config(n_layer=2, n_head=2, n_embd=128),
-                                  parameters=lambda: [types.SimpleNamespace(numel=lambda: 1000)])
-    callback = ThroughputCallback(block_size=64, peak_tflops=1e-3)
-    state = types.SimpleNamespace(global_step=0)
-    callback.on_train_begin(_args(), state, None, model=model)
-    callback._start -= 2.0  # two seconds ago
-    state.global_step = 4
-    logs = {"loss": 1.0}
-    callback.add_figures(_args(), state, logs)
-    assert logs["tokens_per_second"] == pytest.approx(4 * 2 * 3 * 64 / 2.0, rel=0.05)
-    expected = logs["tokens_per_second"] * flops_per_token(model.config, 1000, 64) / 1e9
-    assert logs["mfu"] == pytest.approx(expected, rel=1e-3)
-    eval_logs = {"eval_loss": 1.0}  # evaluation logs are left alone
-    callback.add_figures(_args(), state, eval_logs)
-    assert eval_logs == {"eval_loss": 1.0}
-
-
-def test_no_mfu_without_a_known_peak(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    model = types.SimpleNamespace(config=GPT2Config(n_layer=2, n_head=2, n_embd=128),
-                                  parameters=lambda: [types.SimpleNamespace(numel=lambda: 1000)])
-    result = evaluation_throughput(model, 64, n_tokens=1000, seconds=2.0)
-    assert result == {"tokens_per_second": 500.0}
-    assert evaluation_throughput(model, 64, 1000, 2.0, peak_tflops=1.0)["mfu"] > 0
+def test_evaluation_mfu_counts_the_fed_tokens_and_needs_a_peak(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no GPU name to look a peak up by
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=2))
+    assert evaluation_throughput(model, 64, n_tokens=1000, seconds=2.0) == {"tokens_per_second": 500.0}
+    flops = flops_per_token(model.config, count_parameters(model), 64, training=False)
+    result = evaluation_throughput(model, 64, n_tokens=1000, seconds=2.0, peak_tflops=1e-6, n_fed=3000)
+    assert result == {"tokens_per_second": 500.0, "mfu": round(1500 * flops / 1e6, 6)}
 
 
 def test_train_py_logs_throughput_to_tensorboard_and_the_trainer_state(tmp_path, tokenizer_dir, tiny_config,
@@ -59,10 +36,20 @@ def test_train_py_logs_throughput_to_tensorboard_and_the_trainer_state(tmp_path,
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     output_dir = tmp_path / "out"
+    peak_tflops = 1e-3
     run(train_command(output_dir, tokenizer_dir, tiny_config, corpus_files, "--max_steps", 2, "--logging_steps", 1,
-                      "--report_to", "tensorboard"))
+                      "--eval_strategy", "steps", "--eval_steps", 2, "--report_to", "tensorboard",
+                      "--peak_tflops", peak_tflops))
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
-    assert [entry["tokens_per_second"] > 0 for entry in history if "loss" in entry] == [True, True]
+    trained = [entry for entry in history if "loss" in entry]
+    assert [entry["tokens_per_second"] > 0 for entry in trained] == [True, True]
+    model = AutoModelForCausalLM.from_pretrained(output_dir)
+    mfu_per_token_per_second = flops_per_token(model.config, count_parameters(model), 64) / (peak_tflops * 1e12)
+    for entry in trained:  # tokens_per_second is logged to 0.1, mfu to 1e-6
+        assert entry["mfu"] == pytest.approx(entry["tokens_per_second"] * mfu_per_token_per_second,
+                                             abs=0.05 * mfu_per_token_per_second + 5e-7)
+    evaluated = [entry for entry in history if "eval_loss" in entry]
+    assert len(evaluated) == 1 and "mfu" not in evaluated[0] and "tokens_per_second" not in evaluated[0]
     events = EventAccumulator(str(output_dir / "runs"))
     events.Reload()
     assert [event.step for event in events.Scalars("train/tokens_per_second")] == [1, 2]

@@ -124,7 +124,7 @@ def test_bad_text_files_fail_in_one_line_without_output(tmp_path, tokenizer_dir,
                   "--output_dir", tmp_path / "out"], check=False)
     assert_one_line_error(result, "--train_file", fragment)
     assert not (tmp_path / "out").exists()
-    assert not list(tmp_path.glob(".out.tmp-*")), "the staging folder is removed"
+    assert not list(tmp_path.glob(".staging-*")), "the staging folder is removed"
 
 
 @pytest.mark.realdata
@@ -147,3 +147,29 @@ def test_gpt2_tokenizer_on_real_text(tmp_path):
     text = text_file.read_text(encoding="utf-8")
     assert decode_split(tmp_path / "tokens", "validation", tokenizer) + decode_split(
         tmp_path / "tokens", "train", tokenizer) == text
+
+
+def test_a_failure_while_tokenizing_closes_the_token_files(tmp_path, tokenizer_dir, corpus_files, capsys):
+    import contextlib
+    import os
+
+    from lmcompress.tokenization import READ_BYTES
+    from lmcompress.tokenize_cli import main
+
+    def open_files_under(folder):
+        links = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(FileNotFoundError):  # the descriptor that listed them is closed by now
+                links.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return [link for link in links if link.startswith(str(folder))]
+
+    text = corpus_files["train"].read_bytes()
+    source = tmp_path / "late-latin1.txt"
+    # a byte that is not UTF-8 after two reads of text: tokens are being written when it is found
+    source.write_bytes(text * (2 * READ_BYTES // len(text) + 1) + "caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(SystemExit) as failed:  # it keeps the failed call's frames, and with them any file left open
+        main(["--tokenizer_name_or_path", str(tokenizer_dir), "--train_file", str(source),
+              "--output_dir", str(tmp_path / "out")])
+    assert "not UTF-8" in capsys.readouterr().err
+    assert open_files_under(tmp_path) == [], failed.value
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".staging-*"))

@@ -174,7 +174,6 @@ def test_training_loss_and_gradients_equal_the_plain_logits_loss(tmp_path, token
 
     argv = train_command(tmp_path / "out", tokenizer_dir, tiny_config, corpus_files, "--max_steps", 1)[1:]
     trainer, _ = build_trainer([str(arg) for arg in argv])
-    trainer.current_gradient_accumulation_steps = 1
     model, batch = trainer.model, next(iter(trainer.get_train_dataloader()))
     assert fusable_output_head(model) is not None, "the test must take the path that skips the logits"
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
@@ -186,3 +185,26 @@ def test_training_loss_and_gradients_equal_the_plain_logits_loss(tmp_path, token
     for got, expected in zip(torch.autograd.grad(fused, parameters), torch.autograd.grad(plain, parameters)):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
 
+
+
+def test_accumulation_without_a_token_count_equals_one_larger_batch(tmp_path, tokenizer_dir, tiny_config,
+                                                                     corpus_files):
+    """For a model that takes no loss arguments the Trainer counts no tokens: the loss is then divided by the
+    micro-batches of the step, and two micro-batches of 4 give the loss and update of one batch of 8."""
+    from lmcompress.training import build_trainer
+
+    results = {}
+    for name, batch, accumulation in (("big", 8, 1), ("accumulated", 4, 2)):
+        argv = train_command(tmp_path / name, tokenizer_dir, tiny_config, corpus_files, "--max_steps", 1,
+                             "--logging_steps", 1, "--optim", "sgd", "--per_device_train_batch_size", batch,
+                             "--gradient_accumulation_steps", accumulation)[1:]
+        trainer, _ = build_trainer([str(arg) for arg in argv])
+        trainer.model_accepts_loss_kwargs = False
+        batches = iter(trainer.get_train_dataloader())
+        assert trainer.get_batch_samples(batches, accumulation, trainer.args.device)[1] is None, "no token count"
+        trainer.train()
+        loss = next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry)
+        results[name] = (loss, {k: v.clone() for k, v in trainer.model.state_dict().items()})
+    assert results["accumulated"][0] == pytest.approx(results["big"][0], abs=1e-5)
+    for name, value in results["big"][1].items():
+        assert torch.allclose(results["accumulated"][1][name], value, atol=1e-6), name
