@@ -278,7 +278,7 @@ def train_and_evaluate(trainer, resume):
                "n_parameters": count_parameters(trainer.model), **peak_gpu_memory()}
     if trainer.is_world_process_zero():
         write_json(os.path.join(training_args.output_dir, "train_results.json"), metrics)
-        trainer.state.save_to_json(os.path.join(training_args.output_dir, "trainer_state.json"))
+        write_json(os.path.join(training_args.output_dir, "trainer_state.json"), dataclasses.asdict(trainer.state))
     if training_args.do_eval and trainer.eval_tokens is not None:
         eval_metrics = trainer.evaluate()
         eval_results = {**eval_metrics, "perplexity": eval_metrics["eval_perplexity"],

@@ -10,7 +10,7 @@ import os
 import re
 import shutil
 
-from .atomic import replace_folder
+from .atomic import replace_folder, staging_path
 from .cli import parse_dataclass_args
 from .errors import UserError, entry_point, removed_on_failure, require_writable_folder
 from .jsonio import write_json
@@ -237,11 +237,11 @@ def check_output_folder(output_dir, overwrite):
 
 
 def save_student(student, tokenizer, record, output_dir, write_extras=None):
-    """Write the folder under a temporary name beside ``output_dir``, then rename it into place.
+    """Write the folder under its staging name beside ``output_dir``, then rename it into place.
 
     ``write_extras(folder)`` adds further files to the folder before it is renamed."""
     output_dir = os.path.normpath(output_dir)
-    staging = f"{output_dir}.tmp-{os.getpid()}"
+    staging = staging_path(output_dir)
     shutil.rmtree(staging, ignore_errors=True)
     with removed_on_failure(staging, os.path.dirname(staging) or ".",
                             lambda cause: f"--output_dir {output_dir}: could not write the student ({cause})"):

@@ -133,7 +133,7 @@ def test_existing_output_folder_is_kept_unless_overwriting(random_teacher, tmp_p
     assert_one_line_error(call_main(args, capsys), "already holds a model")
     assert call_main(args + ["--overwrite_output_dir"], capsys).returncode == 0
     assert json.loads((out / "config.json").read_text())["n_layer"] == 1
-    assert not list(tmp_path.glob("student.tmp-*"))
+    assert not list(tmp_path.glob(".staging-*"))
 
 
 def test_cli_refuses_unsorted_layers_with_one_line(random_teacher, tmp_path):
