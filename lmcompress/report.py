@@ -150,9 +150,10 @@ def kd_finetune_finding(rows):
     best = min(table.values(), key=lambda row: row["test_ppl"])
     changes = ", ".join(f"{name} {100 * (row['test_ppl'] / base - 1):+.1f} %" for name, row in table.items()
                         if name != "ft-none")
-    verdict = ("KD while fine-tuning helps here" if best["model"] != "ft-none" and best["test_ppl"] < 0.99 * base
-               else "no KD variant beats plain fine-tuning by more than 1 % here")
     helps = best["model"] != "ft-none" and best["test_ppl"] < 0.99 * base
+    verdict = ("KD while fine-tuning helps here" if helps
+               else "every KD variant does worse than plain fine-tuning" if best["model"] == "ft-none"
+               else "no KD variant beats plain fine-tuning by more than 1 % here")
     return (f"At this scale {verdict}: test perplexity against `ft-none` ({base:.2f}): {changes}. The paper applies "
             "these techniques to improve the fine-tuning of DistilGPT-2; "
             + (f"this run agrees (best: `{best['model']}`, {best['test_ppl']:.2f})." if helps

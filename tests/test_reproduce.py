@@ -195,8 +195,10 @@ def test_findings_are_computed_from_the_numbers():
     kd = [row("kd_finetune", "ft-none", 100.0), row("kd_finetune", "ft-kd", 90.0)]
     assert "helps here" in report.kd_finetune_finding(kd) and "ft-kd -10.0 %" in report.kd_finetune_finding(kd)
     assert "this run agrees" in report.kd_finetune_finding(kd)
+    kd[1]["test_ppl"] = 99.5
+    assert "no KD variant beats plain fine-tuning by more than 1 %" in report.kd_finetune_finding(kd)
     kd[1]["test_ppl"] = 100.5
-    assert "no KD variant beats" in report.kd_finetune_finding(kd) and "differs" in report.kd_finetune_finding(kd)
+    assert "every KD variant does worse" in report.kd_finetune_finding(kd) and "differs" in report.kd_finetune_finding(kd)
     assert "optimiser step" not in report.kd_finetune_finding(kd)
     kd[0]["tokens_per_step"], kd[1]["tokens_per_step"] = 131072, 32768
     assert "tokens per optimiser step (131,072 against 32,768)" in report.kd_finetune_finding(kd)
