@@ -26,7 +26,10 @@ QUERY_CHUNK = 128
 def _capturing_sdpa(module, query, key, value, attention_mask, **kwargs):
     store = getattr(module, CAPTURE_ATTRIBUTE, None)
     if store is not None:
-        store.update(query=query, key=key, value=value, scaling=kwargs.get("scaling"))
+        # No scaling means SDPA's default; the window is the one the mask builder applied (None: full causal).
+        scaling = kwargs.get("scaling")
+        store.update(query=query, key=key, value=value, sliding_window=kwargs.get("sliding_window"),
+                     scaling=query.shape[-1] ** -0.5 if scaling is None else scaling)
     return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
 
 
@@ -111,11 +114,15 @@ def relation_heads(tensor, n_heads, n_relation_heads):
     return merged.reshape(batch, length, n_relation_heads, -1).transpose(1, 2)
 
 
-def _allowed(start, stop, real, length):
-    """Causal and real keys for queries start..stop; a query always sees itself so no row is empty."""
+def _allowed(start, stop, real, length, window=None):
+    """Causal and real keys for queries start..stop, the last ``window`` of them when given (transformers' sliding
+    window: q − window < k ≤ q); a query always sees itself so no row is empty."""
     queries = torch.arange(start, stop, device=real.device)[:, None]
     keys = torch.arange(length, device=real.device)[None, :]
-    return ((keys <= queries) & real[:, None, None, :]) | (keys == queries)
+    visible = keys <= queries
+    if window is not None:
+        visible &= keys > queries - window
+    return (visible & real[:, None, None, :]) | (keys == queries)
 
 
 def _chunk_kl(t_query, t_key, s_query, s_key, t_scale, s_scale, allowed, query_real):
@@ -125,12 +132,12 @@ def _chunk_kl(t_query, t_key, s_query, s_key, t_scale, s_scale, allowed, query_r
     return (kl * query_real[:, None, :]).sum()
 
 
-def relation_kl(teacher, student, real, query_mask, t_scale, s_scale, n_tokens, chunk=None):
+def relation_kl(teacher, student, real, query_mask, t_scale, s_scale, n_tokens, chunk=None, window=None):
     """Σ_heads Σ_real queries KL(teacher ‖ student) of causal softmax(a·bᵀ·scale), over heads, per real token.
 
     ``teacher``/``student`` are (a, b) pairs of (B, R, T, d) tensors with the same R; ``real`` marks real keys,
-    ``query_mask`` the positions that count (those of the other loss terms); ``chunk`` query positions at a time
-    (default ``QUERY_CHUNK``).
+    ``query_mask`` the positions that count (those of the other loss terms); ``window`` limits each query to its
+    last ``window`` keys (a sliding-window layer); ``chunk`` query positions at a time (default ``QUERY_CHUNK``).
     """
     (t_a, t_b), (s_a, s_b) = teacher, student
     length, heads = t_a.shape[2], t_a.shape[1]
@@ -138,7 +145,7 @@ def relation_kl(teacher, student, real, query_mask, t_scale, s_scale, n_tokens, 
     total = 0
     for start in range(0, length, chunk):
         stop = min(start + chunk, length)
-        allowed = _allowed(start, stop, real, length)
+        allowed = _allowed(start, stop, real, length, window)
         args = (t_a[:, :, start:stop], t_b, s_a[:, :, start:stop], s_b, t_scale, s_scale, allowed,
                 query_mask[:, start:stop].to(s_a.dtype))
         total = total + (checkpoint(_chunk_kl, *args, use_reentrant=False) if torch.is_grad_enabled()
@@ -170,12 +177,32 @@ def config_heads(config):
     return heads, getattr(config, "head_dim", None) or config.hidden_size // heads
 
 
+def common_window(teacher_qkv, student_qkv, length):
+    """The sliding window both last layers attend over at this length (None: full causal), or a refusal: the two
+    distributions must share their keys for the KL to be finite."""
+    t_window, s_window = (None if qkv["sliding_window"] is None or qkv["sliding_window"] >= length
+                          else qkv["sliding_window"] for qkv in (teacher_qkv, student_qkv))
+    if t_window != s_window:
+        def described(window):
+            return "all earlier positions" if window is None else f"a sliding window of {window} positions"
+        raise UserError(f"--alpha_att/--alpha_val: the teacher's last layer attends over {described(t_window)} and "
+                        f"the student's over {described(s_window)} at --block_size {length}: the relations need "
+                        "the same keys; keep the teacher's last layer in the student or set --alpha_att 0 "
+                        "--alpha_val 0")
+    return t_window
+
+
 def relation_losses(student_qkv, teacher_qkv, real, query_mask, n_tokens, n_relation_heads, want_att, want_val):
-    """MiniLM's last-layer attention-distribution and value-relation KL terms, by log name."""
+    """MiniLM's last-layer attention-distribution and value-relation KL terms, by log name.
+
+    Both run over the keys the layer's attention sees (causal, within its sliding window if it has one). Regrouped
+    into relation heads of size d_r (MiniLMv2), attention scores take the model's own scale times √(d / d_r): 1/√d_r
+    for the usual 1/√d, and right for models that scale their queries before the attention call (OPT).
+    """
     s_heads, t_heads = student_qkv["query"].shape[1], teacher_qkv["query"].shape[1]
     common = common_relation_heads((t_heads, teacher_qkv["query"].shape[-1]),
                                    (s_heads, student_qkv["query"].shape[-1]), n_relation_heads)
-    regroup = common != s_heads or common != t_heads
+    window = common_window(teacher_qkv, student_qkv, real.shape[-1])
 
     def heads(qkv, name, n_heads):
         return relation_heads(qkv[name].double() if qkv[name].dtype == torch.float64 else qkv[name].float(),
@@ -185,13 +212,14 @@ def relation_losses(student_qkv, teacher_qkv, real, query_mask, n_tokens, n_rela
     if want_att:
         t_q, t_k = heads(teacher_qkv, "query", t_heads), heads(teacher_qkv, "key", t_heads)
         s_q, s_k = heads(student_qkv, "query", s_heads), heads(student_qkv, "key", s_heads)
-        t_scale = t_q.shape[-1] ** -0.5 if regroup else teacher_qkv["scaling"]
-        s_scale = s_q.shape[-1] ** -0.5 if regroup else student_qkv["scaling"]
-        terms["loss_att"] = relation_kl((t_q, t_k), (s_q, s_k), real, query_mask, t_scale, s_scale, n_tokens)
+        t_scale = teacher_qkv["scaling"] * (teacher_qkv["query"].shape[-1] / t_q.shape[-1]) ** 0.5
+        s_scale = student_qkv["scaling"] * (student_qkv["query"].shape[-1] / s_q.shape[-1]) ** 0.5
+        terms["loss_att"] = relation_kl((t_q, t_k), (s_q, s_k), real, query_mask, t_scale, s_scale, n_tokens,
+                                        window=window)
     if want_val:
         t_v, s_v = heads(teacher_qkv, "value", t_heads), heads(student_qkv, "value", s_heads)
         terms["loss_val"] = relation_kl((t_v, t_v), (s_v, s_v), real, query_mask, t_v.shape[-1] ** -0.5,
-                                        s_v.shape[-1] ** -0.5, n_tokens)
+                                        s_v.shape[-1] ** -0.5, n_tokens, window=window)
     return terms
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
-                          LlamaForCausalLM)
+                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, OPTConfig, OPTForCausalLM)
 
 from lmcompress import intermediate
 from lmcompress.errors import UserError
@@ -28,6 +28,23 @@ def tiny_neox(seed=0):
     return GPTNeoXForCausalLM(config).double().eval()
 
 
+def tiny_mistral(seed=0, sliding_window=3):
+    """A window shorter than the inputs' 9 positions, so the last layer's attention is not full causal."""
+    torch.manual_seed(seed)
+    config = MistralConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                           sliding_window=sliding_window)
+    return MistralForCausalLM(config).double().eval()
+
+
+def tiny_opt(seed=0, n_head=4):
+    """OPT scales its queries before the attention call (which gets scaling 1)."""
+    torch.manual_seed(seed)
+    config = OPTConfig(vocab_size=50, hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=n_head,
+                       max_position_embeddings=32, word_embed_proj_dim=16)
+    return OPTForCausalLM(config).double().eval()
+
+
 def eager_attentions(model, ids, mask):
     model.set_attn_implementation("eager")
     return model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions[-1]
@@ -41,11 +58,11 @@ def eager_att_kl(t_att, s_att, query_mask):
 def inputs():
     ids = torch.randint(0, 50, (2, 9))
     mask = torch.ones_like(ids)
-    mask[1, 6:] = 0  # right padding
+    mask[1, 7:] = 0  # right padding, shorter than tiny_mistral's window: no query sees only padding
     return ids, mask
 
 
-@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama, tiny_neox])
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama, tiny_neox, tiny_mistral, tiny_opt])
 @pytest.mark.parametrize("chunk", [intermediate.QUERY_CHUNK, 4], ids=["one-chunk", "three-chunks"])
 def test_attention_kl_matches_eager_values_and_gradients(make, chunk, monkeypatch):
     monkeypatch.setattr(intermediate, "QUERY_CHUNK", chunk)  # 9 positions: queries 0-3, 4-7 and 8
@@ -118,6 +135,36 @@ def test_different_head_counts_regroup_as_minilmv2_or_refuse():
                                                                      (s_store[q], s_store[k]), real, 2))
     torch.testing.assert_close(terms["loss_val"], direct_relation_kl((t_store[v], t_store[v]),
                                                                      (s_store[v], s_store[v]), real, 2))
+
+
+def test_regrouped_heads_of_a_model_that_scales_its_queries_first_are_scaled_once():
+    teacher, student = tiny_opt(n_head=4), tiny_opt(seed=1, n_head=2)
+    ids, mask = inputs()
+    real = mask.bool()
+    t_store, s_store = intermediate.enable_capture(teacher), intermediate.enable_capture(student)
+    teacher(input_ids=ids, attention_mask=mask)
+    student(input_ids=ids, attention_mask=mask)
+    assert t_store["scaling"] == s_store["scaling"] == 1.0
+    unscaled = {name: store["query"] * store["query"].shape[-1] ** 0.5 for name, store in (("t", t_store),
+                                                                                           ("s", s_store))}
+    got = intermediate.relation_losses(s_store, t_store, real, real, None, 2, True, False)["loss_att"]
+    torch.testing.assert_close(got, direct_relation_kl((unscaled["t"], t_store["key"]),
+                                                       (unscaled["s"], s_store["key"]), real, 2))
+
+
+def test_sliding_windows_that_differ_at_the_block_size_are_refused_in_one_line():
+    ids, mask = inputs()  # 9 positions
+    real = mask.bool()
+    stores = {}
+    for name, window in (("window 3", 3), ("window 9", 9), ("full", None)):
+        model = tiny_mistral(sliding_window=window)
+        stores[name] = intermediate.enable_capture(model)
+        model(input_ids=ids, attention_mask=mask)
+    # A window as long as the block is no window: those two agree.
+    intermediate.relation_losses(stores["window 9"], stores["full"], real, real, None, None, True, True)
+    with pytest.raises(UserError, match="the teacher's last layer attends over a sliding window of 3 positions and "
+                                        "the student's over all earlier positions at --block_size 9"):
+        intermediate.relation_losses(stores["full"], stores["window 3"], real, real, None, None, True, True)
 
 
 def test_relation_head_counts_are_checked_against_both_layouts():
