@@ -164,7 +164,10 @@ def summed_nll(inputs, targets, weight=None):
     vocabulary = inputs.shape[-1] if weight is None else weight.shape[0]
     wanted = torch.is_grad_enabled() and (inputs.requires_grad or (weight is not None and weight.requires_grad))
     if wanted:
-        return _NextTokenNLL.apply(inputs, weight, targets, chunk_rows(vocabulary, inputs.device))
+        # In 16 bits each chunk adds its weight-gradient product into the float32 gradient, a vocabulary × d
+        # pass: chunks are large on CPUs too.
+        half = weight is not None and (torch.is_autocast_enabled(inputs.device.type) or weight.element_size() == 2)
+        return _NextTokenNLL.apply(inputs, weight, targets, chunk_rows(vocabulary, inputs.device, large=half))
     # The loss alone needs no gradient buffers: chunks through the output layer can be large on CPUs too, so
     # that it reads the weight fewer times. Chunks of given logits gain nothing from it.
     return _nll_chunks(inputs, weight, targets, chunk_rows(vocabulary, inputs.device, large=weight is not None))[0]
@@ -178,14 +181,21 @@ class _NextTokenNLL(torch.autograd.Function):
     def forward(ctx, inputs, weight, targets, chunk):
         total, grad_inputs, grad_weight = _nll_chunks(inputs, weight, targets, chunk, *ctx.needs_input_grad[:2])
         ctx.dtypes = inputs.dtype, None if weight is None else weight.dtype
-        ctx.save_for_backward(grad_inputs, grad_weight)
+        ctx.save_for_backward(grad_inputs)
+        # The weight's gradient (vocabulary × d) is scaled in place and handed over: a fresh one per step would
+        # cost a pass of page faults on CPUs. So it is kept on ctx, not saved, and can serve only one backward.
+        ctx.grad_weight = grad_weight
         return total
 
     @staticmethod
     @_first_derivative_only
     def backward(ctx, grad_total):
-        scaled = [None if grad is None else (grad * grad_total).to(dtype)
-                  for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
+        (grad_inputs,), grad_weight = ctx.saved_tensors, ctx.grad_weight
+        if ctx.needs_input_grad[1] and grad_weight is None:
+            raise RuntimeError("summed_nll's weight gradient was already handed over: backward once per forward")
+        ctx.grad_weight = None
+        scaled = [None if grad_inputs is None else (grad_inputs * grad_total).to(ctx.dtypes[0]),
+                  None if grad_weight is None else grad_weight.mul_(grad_total).to(ctx.dtypes[1])]
         return *scaled, None, None
 
 
@@ -201,7 +211,10 @@ def _nll_chunks(inputs, weight, targets, chunk, want_inputs=False, want_weight=F
         # loss overflows long before the loss-scaled one would. Logits' gradients (probabilities) cannot.
         grad_inputs = (torch.empty_like(inputs, dtype=inputs.dtype if matrix is None else buffer_dtype)
                        if want_inputs else None)
-        grad_weight = torch.zeros_like(weight, dtype=buffer_dtype) if want_weight else None
+        # Written by the first chunk, so left unfilled unless there is none.
+        grad_weight = ((torch.empty_like if len(inputs) else torch.zeros_like)(weight, dtype=buffer_dtype)
+                       if want_weight else None)
+        product = (torch.empty_like(weight, dtype=dtype) if want_weight and dtype != buffer_dtype else None)
         total = torch.zeros((), dtype=torch.float64, device=inputs.device)
         # One buffer for every chunk's logits: on CPU a fresh one per chunk costs page faults.
         vocabulary = states.shape[-1] if matrix is None else len(matrix)
@@ -230,15 +243,30 @@ def _nll_chunks(inputs, weight, targets, chunk, want_inputs=False, want_weight=F
             gradient = probabilities.to(dtype)
             if want_inputs:
                 grad_inputs[start:start + chunk] = gradient @ matrix
-            if want_weight and dtype == buffer_dtype:
-                grad_weight.addmm_(probabilities.t(), rows)
-            elif want_weight and dtype == torch.float16:
+            if not want_weight:
+                continue
+            first = start == 0  # the first chunk writes the gradient, later ones add to it: no zero-filling
+            if dtype == buffer_dtype:
+                if first:
+                    torch.mm(probabilities.t(), rows, out=grad_weight)
+                else:
+                    grad_weight.addmm_(probabilities.t(), rows)
+                continue
+            scale = None
+            if dtype == torch.float16:
                 # Σ over a chunk's rows of the unscaled gradient can pass fp16's range: the product runs on
-                # (p − y) scaled down by a power of two, undone in the float32 sum.
+                # (p − y) scaled down by a power of two, undone in the float32 sum. bf16 has float32's range.
                 scale = _fp16_safe_scale(rows)
-                grad_weight.addcdiv_((gradient * scale.to(dtype)).t() @ rows, scale)
-            elif want_weight:
-                grad_weight += gradient.t() @ rows  # bf16 has float32's range
+                gradient.mul_(scale.to(dtype))
+            torch.mm(gradient.t(), rows, out=product)
+            if first:
+                grad_weight.copy_(product)
+                if scale is not None:
+                    grad_weight.div_(scale)
+            elif scale is not None:
+                grad_weight.addcdiv_(product, scale)
+            else:
+                grad_weight.add_(product)
     return total.to(buffer_dtype), grad_inputs, grad_weight
 
 

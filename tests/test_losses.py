@@ -148,11 +148,14 @@ def test_summed_nll_matches_cross_entropy_and_its_gradients(chunk, from_hidden, 
         assert losses.summed_nll(inputs[0], targets, inputs[1]).item() == pytest.approx(direct.item() * 2, rel=1e-12)
 
 
+@pytest.mark.parametrize("chunks", [1, 4])
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp16-weights", "fp16-autocast"])
-def test_summed_nll_fp16_gradients_follow_the_loss_scale(autocast):
+def test_summed_nll_fp16_gradients_follow_the_loss_scale(autocast, chunks, monkeypatch):
     """8192 tokens with one large hidden feature: the unscaled weight gradient passes fp16's range, the scaled
     (here by 2⁻¹⁶, as a loss scaler backing off would) one does not; it must stay finite and match the logits path,
-    with fp16 weights (DeepSpeed fp16) and under fp16 autocast, the weight-gradient product in fp16."""
+    with fp16 weights (DeepSpeed fp16) and under fp16 autocast, the weight-gradient product in fp16, in one chunk
+    and in several."""
+    monkeypatch.setattr(losses, "LARGE_CHUNK_ELEMENTS", 16 * 8192 // chunks)  # 16 bits: large chunks
     torch.manual_seed(0)
     hidden = (torch.randn(8192, 8) * 0.1).half()
     hidden[:, 0] = 64.0
@@ -163,7 +166,7 @@ def test_summed_nll_fp16_gradients_follow_the_loss_scale(autocast):
     recorder = VocabularyProducts(16)
     with torch.autocast("cpu", dtype=torch.float16, enabled=autocast), recorder:
         (losses.summed_nll(hidden, targets, weight) * scale).backward()
-    assert recorder.dtypes() == {torch.float16}, recorder.products
+    assert len(recorder.products) == 2 * chunks and recorder.dtypes() == {torch.float16}, recorder.products
     reference_weight = weight.detach().double().requires_grad_()
     logits = hidden.double() @ reference_weight.t()
     (F.cross_entropy(logits, targets, reduction="sum") * scale).backward()
@@ -171,10 +174,12 @@ def test_summed_nll_fp16_gradients_follow_the_loss_scale(autocast):
     assert torch.allclose(weight.grad.double(), reference_weight.grad, rtol=1e-2, atol=1e-3)
 
 
+@pytest.mark.parametrize("chunks", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_summed_nll_under_autocast_runs_every_product_in_its_dtype(dtype):
-    """The logits and both gradient products (one chunk: three) run in the autocast dtype; loss and gradients
+def test_summed_nll_under_autocast_runs_every_product_in_its_dtype(dtype, chunks, monkeypatch):
+    """The logits and both gradient products (three per chunk) run in the autocast dtype; loss and gradients
     match float32's to that dtype's precision and the gradients keep the weights' dtype."""
+    monkeypatch.setattr(losses, "LARGE_CHUNK_ELEMENTS", 40 * 48 // chunks)  # 16 bits: large chunks
     torch.manual_seed(0)
     hidden = torch.randn(48, 16, requires_grad=True)
     weight = (torch.randn(40, 16) * 0.3).requires_grad_()
@@ -183,7 +188,7 @@ def test_summed_nll_under_autocast_runs_every_product_in_its_dtype(dtype):
     with torch.autocast("cpu", dtype=dtype), recorder:
         loss = losses.summed_nll(hidden, targets, weight)
         grads = torch.autograd.grad(loss, (hidden, weight))
-    assert len(recorder.products) == 3 and recorder.dtypes() == {dtype}, recorder.products
+    assert len(recorder.products) == 3 * chunks and recorder.dtypes() == {dtype}, recorder.products
     direct = F.cross_entropy(hidden @ weight.t(), targets, reduction="sum")
     direct_grads = torch.autograd.grad(direct, (hidden, weight))
     assert loss.item() == pytest.approx(direct.item(), rel=1e-2)
@@ -244,6 +249,19 @@ def test_summed_nll_frozen_weight_gets_no_gradient():
     (grad,) = torch.autograd.grad(losses.summed_nll(hidden, targets, weight), hidden)
     (expected,) = torch.autograd.grad(F.cross_entropy(hidden @ weight.t(), targets, reduction="sum"), hidden)
     assert weight.grad is None and torch.allclose(grad, expected)
+
+
+def test_summed_nll_weight_gradient_serves_one_backward_and_no_rows_give_zero():
+    """The weight gradient is handed over in place, so a second backward through the same graph must refuse
+    rather than rescale what the first handed out; with no rows the gradient is zero, not uninitialised memory."""
+    hidden = torch.randn(6, 4, requires_grad=True)
+    weight = torch.randn(5, 4, requires_grad=True)
+    loss = losses.summed_nll(hidden, torch.randint(0, 5, (6,)), weight)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="already handed over: backward once per forward"):
+        loss.backward()
+    (grad,) = torch.autograd.grad(losses.summed_nll(hidden[:0], torch.zeros(0, dtype=torch.long), weight), weight)
+    assert torch.equal(grad, torch.zeros_like(weight))
 
 
 @pytest.mark.parametrize("term", ["kd", "cosine", "mse", "lm", "fused"])
