@@ -230,12 +230,11 @@ def _nll_chunks(inputs, weight, targets, chunk, want_inputs=False, want_weight=F
                 logits.copy_(rows @ matrix.t())
             real = (row_targets != IGNORE_INDEX).unsqueeze(1)
             safe_targets = row_targets.clamp_min(0).unsqueeze(1)
-            log_normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)
-            nll = log_normaliser - logits.gather(1, safe_targets)
-            total += nll.masked_fill(~real, 0).sum(dtype=torch.float64)
+            log_probabilities = _log_softmax_rows(logits)
+            total -= log_probabilities.gather(1, safe_targets).masked_fill(~real, 0).sum(dtype=torch.float64)
             if not (want_inputs or want_weight):
                 continue
-            probabilities = logits.sub_(log_normaliser).exp_()  # d loss / d logits = softmax − one-hot
+            probabilities = log_probabilities.exp_()  # d loss / d logits = softmax − one-hot
             probabilities.scatter_add_(1, safe_targets, -real.to(probabilities.dtype)).mul_(real)
             if matrix is None:
                 grad_inputs[start:start + chunk] = probabilities
@@ -268,6 +267,14 @@ def _nll_chunks(inputs, weight, targets, chunk, want_inputs=False, want_weight=F
             else:
                 grad_weight.add_(product)
     return total.to(buffer_dtype), grad_inputs, grad_weight
+
+
+def _log_softmax_rows(logits):
+    """Log-softmax over the last dimension; on CPU in place (its kernel finishes each row's reductions before it
+    writes the row), where a fresh chunk-sized tensor, or logsumexp's temporaries, would cost a pass of page faults."""
+    if logits.device.type == "cpu":
+        return torch.log_softmax(logits, dim=-1, out=logits)
+    return torch.log_softmax(logits, dim=-1)
 
 
 def _fp16_safe_scale(rows):
