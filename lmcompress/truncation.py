@@ -273,7 +273,7 @@ class TruncationArguments:
 
 def calibration_tokens(args, data_args, config, tokenizer, tokenizer_name):
     """The calibration split's blocks (``[n, block_size]``) from the common data flags."""
-    from .data import check_vocabulary, choose_block_size, require_split, resolve_token_folder
+    from .data import check_vocabulary, choose_block_size, plan_tokens, require_planned_split, resolve_token_folder
     from .distributed import local_main_first
     from .importance import calibration_blocks
     from .tokenfiles import open_split, read_meta
@@ -285,10 +285,11 @@ def calibration_tokens(args, data_args, config, tokenizer, tokenizer_name):
                       if getattr(config, name, None)), None)
     block_size = (choose_block_size(data_args.block_size, positions) if positions
                   else data_args.block_size or 128)
-    folder = resolve_token_folder(data_args, tokenizer, tokenizer_name, local_main_first)
-    meta = read_meta(folder)
-    check_vocabulary(meta, config, str(folder))
-    require_split(meta, args.calibration_split, data_args, "--calibration_split")
+    plan = plan_tokens(data_args, tokenizer, tokenizer_name)  # the split is checked before any tokenization
+    require_planned_split(plan.splits, args.calibration_split, data_args,
+                          f"--calibration_split {args.calibration_split}")
+    folder = resolve_token_folder(data_args, tokenizer, tokenizer_name, local_main_first, plan)
+    check_vocabulary(read_meta(folder), config, str(folder))
     tokens = open_split(folder, args.calibration_split, "--calibration_split")
     return calibration_blocks(tokens, block_size, args.calibration_tokens,
                               f"--calibration_split {args.calibration_split} ({folder}/{args.calibration_split}.bin)")

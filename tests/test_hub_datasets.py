@@ -195,18 +195,21 @@ def test_an_unknown_config_fails_in_one_line(tmp_path, tokenizer_dir, wikitext):
 
 
 def call_tool(tool, argv):
-    """train.py's, distiller.py's or evaluate.py's work up to where a bad flag must have been refused."""
-    from lmcompress import distillation, evaluation, training
+    """train.py's, distiller.py's, evaluate.py's or truncate.py's work up to where a bad flag must have been
+    refused."""
+    from lmcompress import distillation, evaluation, training, truncation
 
     argv = [str(arg) for arg in argv]
-    if tool == "evaluate.py":
-        return evaluation.main.__wrapped__(argv)
+    if tool in ("evaluate.py", "truncate.py"):
+        return (evaluation if tool == "evaluate.py" else truncation).main.__wrapped__(argv)
     return (training if tool == "train.py" else distillation).build_trainer(argv)
 
 
 def tool_argv(tool, model, output, *data):
     if tool == "evaluate.py":
         return ["--model_name_or_path", model, *data, "--output_file", output / "ppl.json", "--report_to", "none"]
+    if tool == "truncate.py":
+        return ["--teacher_name_or_path", model, *data, "--output_dir", output]
     models = (["--model_name_or_path", model] if tool == "train.py" else
               ["--teacher_name_or_path", model, "--student_name_or_path", model])
     return [*models, *data, "--output_dir", output, "--report_to", "none", "--save_strategy", "no"]
@@ -229,6 +232,9 @@ EARLY_REFUSALS = {  # case: (tool, data and other flags, what the one line says)
     "evaluate --split test of a hub dataset with a train split only": (
         "evaluate.py", ["--dataset_name", "{openwebtext}", "--split", "test"],
         ["--split test", "--dataset_name", "has no 'test' split (it has: train, validation)"]),
+    "truncate --calibration_split test of a train file": (
+        "truncate.py", ["--strategy", "importance", "--num_layers", "1", "--train_file", "{train}",
+                        "--calibration_split", "test"], ["--calibration_split test", "'test'", "train, validation"]),
 }
 
 
