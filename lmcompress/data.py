@@ -106,12 +106,6 @@ def require_planned_split(splits, split, data_args, asked_by=None, remedy=None):
                         f"{', '.join(splits)}); {remedy or f'give data with a {split} split'}")
 
 
-def require_split(meta, split, data_args, flag=None):
-    """``require_planned_split`` on a token folder's meta.json, with ``flag`` the one that chose ``split``."""
-    require_planned_split(list(meta["splits"]), split, data_args, flag and f"{flag} {split}",
-                          flag and f"give data with a {split} split or choose one of those")
-
-
 def check_tokenizer(meta, tokenizer, what):
     made_with = meta["tokenizer"]
     if made_with["fingerprint"] != tokenizer_fingerprint(tokenizer):

@@ -287,7 +287,8 @@ def calibration_tokens(args, data_args, config, tokenizer, tokenizer_name):
                   else data_args.block_size or 128)
     plan = plan_tokens(data_args, tokenizer, tokenizer_name)  # the split is checked before any tokenization
     require_planned_split(plan.splits, args.calibration_split, data_args,
-                          f"--calibration_split {args.calibration_split}")
+                          f"--calibration_split {args.calibration_split}",
+                          f"give data with a {args.calibration_split} split or choose one of those")
     folder = resolve_token_folder(data_args, tokenizer, tokenizer_name, local_main_first, plan)
     check_vocabulary(read_meta(folder), config, str(folder))
     tokens = open_split(folder, args.calibration_split, "--calibration_split")
