@@ -43,7 +43,7 @@ case "$SCALE" in
     VOCAB_SIZE=${VOCAB_SIZE:-4096}          # of the BPE trained here when GPT-2's is not in the hub cache
     BLOCK_SIZE=${BLOCK_SIZE:-128}
     BATCH_SIZE=${BATCH_SIZE:-16}
-    TEACHER_STEPS=${TEACHER_STEPS:-600}     # the teacher's own pre-training
+    TEACHER_STEPS=${TEACHER_STEPS:-1000}    # the teacher's own pre-training: long enough that it leads every student clearly
     STUDENT_STEPS=${STUDENT_STEPS:-40}      # each student's pre-training or distillation
     FINETUNE_STEPS=${FINETUNE_STEPS:-50}    # every row's fine-tuning, with or without KD
     PROMPT=${PROMPT:-"The for statement is used to"}
