@@ -264,7 +264,7 @@ def logged_losses(folder):
     return [entry["loss"] for entry in history if "loss" in entry]
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", sorted(CONFIGS) + sorted(MOE_CONFIGS))
 def test_each_family_trains_distils_and_evaluates(name, tokenizer_dir, repeated_text, tmp_path, capsys):
     """truncate.py, train.py, distiller.py and evaluate.py, their main called in this process, on a 4-block
     teacher of the family and its 2-block student: finite training losses that fall, and a finite perplexity;
@@ -273,7 +273,7 @@ def test_each_family_trains_distils_and_evaluates(name, tokenizer_dir, repeated_
         import deepspeed  # noqa: F401  (its import sets PYTORCH_NVML_BASED_CUDA_CHECK, once for the process)
     environment, before = dict(os.environ), (signal.getsignal(signal.SIGTERM), os.getcwd())
     teacher, student = tmp_path / "teacher", tmp_path / "student"
-    config = CONFIGS[name]()
+    config = {**CONFIGS, **MOE_CONFIGS}[name]()
     config.vocab_size = VOCAB_SIZE
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(teacher)
