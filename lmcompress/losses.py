@@ -166,7 +166,7 @@ def summed_nll(inputs, targets, weight=None):
     if wanted:
         # In 16 bits each chunk adds its weight-gradient product into the float32 gradient, a vocabulary × d
         # pass: chunks are large on CPUs too.
-        half = weight is not None and (torch.is_autocast_enabled(inputs.device.type) or weight.element_size() == 2)
+        half = weight is not None and _product_dtype(inputs, weight).itemsize == 2
         return _NextTokenNLL.apply(inputs, weight, targets, chunk_rows(vocabulary, inputs.device, large=half))
     # The loss alone needs no gradient buffers: chunks through the output layer can be large on CPUs too, so
     # that it reads the weight fewer times. Chunks of given logits gain nothing from it.
@@ -199,11 +199,19 @@ class _NextTokenNLL(torch.autograd.Function):
         return *scaled, None, None
 
 
+def _product_dtype(inputs, weight):
+    """The dtype the output layer's products run in: autocast's when it is on, else the weight's (for given
+    logits, their own)."""
+    device_type = inputs.device.type
+    if weight is not None and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return (inputs if weight is None else weight).dtype
+
+
 def _nll_chunks(inputs, weight, targets, chunk, want_inputs=False, want_weight=False):
     """``(Σ NLL, gradient of inputs or None, gradient of weight or None)``, a chunk of positions at a time."""
     device_type = inputs.device.type
-    autocast = weight is not None and torch.is_autocast_enabled(device_type)
-    dtype = torch.get_autocast_dtype(device_type) if autocast else (inputs if weight is None else weight).dtype
+    dtype = _product_dtype(inputs, weight)
     buffer_dtype = torch.promote_types(dtype, torch.float32)
     with torch.autocast(device_type, enabled=False):
         matrix, states = (None if weight is None else weight.to(dtype)), inputs.to(dtype)
@@ -242,31 +250,36 @@ def _nll_chunks(inputs, weight, targets, chunk, want_inputs=False, want_weight=F
             gradient = probabilities.to(dtype)
             if want_inputs:
                 grad_inputs[start:start + chunk] = gradient @ matrix
-            if not want_weight:
-                continue
-            first = start == 0  # the first chunk writes the gradient, later ones add to it: no zero-filling
-            if dtype == buffer_dtype:
-                if first:
-                    torch.mm(probabilities.t(), rows, out=grad_weight)
-                else:
-                    grad_weight.addmm_(probabilities.t(), rows)
-                continue
-            scale = None
-            if dtype == torch.float16:
-                # Σ over a chunk's rows of the unscaled gradient can pass fp16's range: the product runs on
-                # (p − y) scaled down by a power of two, undone in the float32 sum. bf16 has float32's range.
-                scale = _fp16_safe_scale(rows)
-                gradient.mul_(scale.to(dtype))
-            torch.mm(gradient.t(), rows, out=product)
-            if first:
-                grad_weight.copy_(product)
-                if scale is not None:
-                    grad_weight.div_(scale)
-            elif scale is not None:
-                grad_weight.addcdiv_(product, scale)
-            else:
-                grad_weight.add_(product)
+            if want_weight:
+                _add_weight_gradient(grad_weight, gradient, rows, product, first=start == 0)
     return total.to(buffer_dtype), grad_inputs, grad_weight
+
+
+def _add_weight_gradient(grad_weight, gradient, rows, product, first):
+    """``grad_weight`` = (first chunk) or += gradientᵀ · rows, the product in ``gradient``'s dtype: straight into
+    ``grad_weight`` when the dtypes agree, else through ``product`` (16 bits into float32). Writing the first chunk
+    spares zero-filling the vocabulary × d gradient."""
+    if product is None:
+        if first:
+            torch.mm(gradient.t(), rows, out=grad_weight)
+        else:
+            grad_weight.addmm_(gradient.t(), rows)
+        return
+    scale = None
+    if gradient.dtype == torch.float16:
+        # Σ over a chunk's rows of the unscaled gradient can pass fp16's range: the product runs on (p − y)
+        # scaled down by a power of two, undone in the float32 sum. bf16 has float32's range.
+        scale = _fp16_safe_scale(rows)
+        gradient.mul_(scale.to(gradient.dtype))
+    torch.mm(gradient.t(), rows, out=product)
+    if first:
+        grad_weight.copy_(product)
+        if scale is not None:
+            grad_weight.div_(scale)
+    elif scale is not None:
+        grad_weight.addcdiv_(product, scale)
+    else:
+        grad_weight.add_(product)
 
 
 def _log_softmax_rows(logits):
